@@ -1,0 +1,15 @@
+# Sourced by the other scripts: makes the pinned libtorch (PyPI wheel torch==2.13.0 in .venv) available
+# to tch's build. Creates the venv on first use; reuses it when the version already matches.
+VTP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VTP_TORCH_VERSION="2.13.0"
+VTP_VENV="$VTP_ROOT/.venv"
+if ! "$VTP_VENV/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$VTP_TORCH_VERSION')" 2>/dev/null; then
+  echo "setting up $VTP_VENV with torch==$VTP_TORCH_VERSION (first run: a few minutes)" >&2
+  python3 -m venv "$VTP_VENV"
+  "$VTP_VENV/bin/pip" install -q --disable-pip-version-check "torch==$VTP_TORCH_VERSION" numpy safetensors
+fi
+export PATH="$VTP_VENV/bin:$PATH"
+export LIBTORCH_USE_PYTORCH=1
+export LIBTORCH_BYPASS_VERSION_CHECK=1
+VTP_TORCH_LIB="$("$VTP_VENV/bin/python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+export LD_LIBRARY_PATH="$VTP_TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

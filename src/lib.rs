@@ -1,0 +1,6 @@
+//! vtp-rs: the VTP visual tokenizer ("Towards Scalable Pre-training of Visual Tokenizers for
+//! Generation", MiniMax + HUST Vision Lab, 2025) on libtorch through tch.
+pub mod check;
+pub mod config;
+pub mod io;
+pub mod model;

@@ -1,0 +1,77 @@
+//! Reading and writing `model.safetensors` in the released layout (spec §2.3): official key names,
+//! every parameter F32, the two RoPE `periods` buffers BF16, header metadata `{"format": "pt"}`.
+use super::VtpModel;
+use crate::io::{read_safetensors, write_safetensors};
+use anyhow::{bail, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+/// At most this many names per list in a mismatch error.
+const MAX_LISTED: usize = 8;
+
+fn list(names: &[String]) -> String {
+    let shown: Vec<&str> = names.iter().take(MAX_LISTED).map(String::as_str).collect();
+    let more = names.len().saturating_sub(MAX_LISTED);
+    if more > 0 {
+        format!("{} (+{more} more)", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// Every tensor the file must hold: parameters plus persistent buffers, by official name.
+fn expected(model: &VtpModel) -> BTreeMap<String, Tensor> {
+    let mut all: BTreeMap<String, Tensor> = model.vs.variables().into_iter().collect();
+    for (name, t) in model.buffers() {
+        all.insert(name, t.shallow_clone());
+    }
+    all
+}
+
+/// Loads `path` into `model`; one error lists every missing, unexpected and mis-shaped key.
+pub fn load(model: &mut VtpModel, path: &Path) -> Result<()> {
+    let file: BTreeMap<String, Tensor> = read_safetensors(path)?.into_iter().collect();
+    let want = expected(model);
+    let missing: Vec<String> = want.keys().filter(|k| !file.contains_key(*k)).cloned().collect();
+    let unexpected: Vec<String> = file.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
+    let misshaped: Vec<String> = want
+        .iter()
+        .filter_map(|(k, t)| {
+            let f = file.get(k)?;
+            (f.size() != t.size()).then(|| format!("{k} (file {:?}, config {:?})", f.size(), t.size()))
+        })
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() || !misshaped.is_empty() {
+        let mut parts = Vec::new();
+        for (what, names) in [("missing", &missing), ("unexpected", &unexpected), ("mis-shaped", &misshaped)] {
+            if !names.is_empty() {
+                parts.push(format!("{} {what}: {}", names.len(), list(names)));
+            }
+        }
+        bail!("'{}' does not match its config.json: {}", path.display(), parts.join("; "));
+    }
+    for (name, t) in &file {
+        if !matches!(t.kind(), Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double) {
+            bail!("'{}': tensor '{name}' has non-float dtype {:?}", path.display(), t.kind());
+        }
+    }
+    tch::no_grad(|| {
+        for (name, mut dst) in want {
+            dst.copy_(&file[&name]);
+        }
+    });
+    Ok(())
+}
+
+/// Writes every parameter (F32) and the RoPE periods (BF16), sorted by name, with `{"format": "pt"}`.
+pub fn save(model: &VtpModel, path: &Path) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = expected(model)
+        .into_iter()
+        .map(|(name, t)| {
+            let kind = if name.ends_with("rope_embed.periods") { Kind::BFloat16 } else { Kind::Float };
+            (name, t.detach().to_kind(kind))
+        })
+        .collect();
+    write_safetensors(path, &tensors, &[("format", "pt")])
+}

@@ -29,7 +29,27 @@ impl MultiheadAttention {
         }
     }
 
+    /// Self-attention of `x [B, L, W]` with an optional additive mask `[L, L]`.
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        match mask {
+            None if !autograd_recording(&self.in_proj_bias) => self.forward_fused(x),
+            _ => self.forward_sdpa(x, mask),
+        }
+    }
+
+    /// PyTorch's unmasked inference fast path (`torch._native_multi_head_attention`); using it
+    /// where PyTorch does keeps bidirectional-text outputs bit-identical to the reference.
+    fn forward_fused(&self, x: &Tensor) -> Tensor {
+        let (w, out_bias) = (x.size()[2], self.out_proj.bs.as_ref().expect("out_proj has a bias"));
+        Tensor::internal_native_multi_head_attention(
+            x, x, x, w, self.num_heads, &self.in_proj_weight, &self.in_proj_bias, &self.out_proj.ws, out_bias,
+            None::<Tensor>, false, true, None,
+        )
+        .0
+    }
+
+    /// Packed in-projection, SDPA with the additive mask, out-projection (the masked and training path).
+    fn forward_sdpa(&self, x: &Tensor, mask: Option<&Tensor>) -> Tensor {
         let (b, t, w) = x.size3().expect("text tokens are [B, L, W]");
         let heads = |y: &Tensor| y.reshape([b, t, self.num_heads, w / self.num_heads]).transpose(1, 2);
         let qkv = x.linear(&self.in_proj_weight, Some(&self.in_proj_bias)).chunk(3, -1);
@@ -37,6 +57,12 @@ impl MultiheadAttention {
         let o = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, None, false);
         self.out_proj.forward(&o.transpose(1, 2).reshape([b, t, w]))
     }
+}
+
+/// Whether autograd records operations on `param` (grad mode on and the parameter trainable): the
+/// condition under which PyTorch's `nn.MultiheadAttention` leaves its fused inference fast path.
+fn autograd_recording(param: &Tensor) -> bool {
+    (param.narrow(0, 0, 1) * 1.0).requires_grad()
 }
 
 /// `ResidualAttentionBlock`: `x += ls_1(attn(ln_1 x))`, `x += ls_2(mlp(ln_2 x))`.

@@ -75,7 +75,9 @@ fn compute(model: &VtpModel, key: &str, io: &HashMap<String, Tensor>) -> Result<
     match parts[..] {
         ["forward", "clip", "logit_scale"] => Ok(model.logit_params()?.scale),
         ["forward", "clip", "logit_bias"] => model.logit_params()?.bias.context("the model has no logit_bias"),
-        ["get_clip_text_feature", norm] => model.get_clip_text_feature(&input(io, "in.text", model)?, flag(norm, "normalize_")?),
+        ["get_clip_text_feature", norm] => {
+            model.get_clip_text_feature(&input(io, "in.text", model)?, flag(norm, "normalize_")?)
+        }
         ["get_reconstruction_latents", size] => model.get_reconstruction_latents(&image(size)?),
         ["get_latents_decoded_images", "from_reconstruction", size] => {
             // Decode our own latents: their strided layout (a view of the patch tokens) is what the
@@ -111,7 +113,9 @@ fn compute(model: &VtpModel, key: &str, io: &HashMap<String, Tensor>) -> Result<
                 _ => bail!("unexpected suffix {rest:?}"),
             }
         }
-        ["get_clip_image_feature", norm, size] => model.get_clip_image_feature(&image(size)?, flag(norm, "normalize_")?),
+        ["get_clip_image_feature", norm, size] => {
+            model.get_clip_image_feature(&image(size)?, flag(norm, "normalize_")?)
+        }
         ["get_clip_logits", which, size] => {
             let (per_image, per_text) = model.get_clip_logits(&image(size)?, &input(io, "in.text", model)?)?;
             match which {

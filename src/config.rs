@@ -232,13 +232,10 @@ impl VtpConfig {
 
     /// Reads and validates a `config.json`; errors name the file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config '{}'", path.display()))?;
-        let config: Self = serde_json::from_str(&text)
-            .with_context(|| format!("invalid config '{}'", path.display()))?;
-        config
-            .validate()
-            .with_context(|| format!("invalid config '{}'", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config '{}'", path.display()))?;
+        let config: Self =
+            serde_json::from_str(&text).with_context(|| format!("invalid config '{}'", path.display()))?;
+        config.validate().with_context(|| format!("invalid config '{}'", path.display()))?;
         Ok(config)
     }
 
@@ -325,11 +322,7 @@ impl VtpConfig {
             }
         }
         if self.text_embed_dim % self.text_num_heads != 0 {
-            bail!(
-                "text_num_heads ({}) does not divide text_embed_dim ({})",
-                self.text_num_heads,
-                self.text_embed_dim
-            );
+            bail!("text_num_heads ({}) does not divide text_embed_dim ({})", self.text_num_heads, self.text_embed_dim);
         }
         if self.text_embed_cls {
             bail!("text_embed_cls=true is not supported (the official VTPModel fails on it, spec Q14)");

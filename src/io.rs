@@ -56,8 +56,9 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
         .map_err(|e| anyhow::anyhow!("'{}' is not a valid safetensors file: {e}", path.display()))?;
     let mut out = Vec::with_capacity(file.len());
     for (name, view) in file.tensors() {
-        let kind = kind_of(view.dtype())
-            .with_context(|| format!("'{}': tensor '{name}' has unsupported dtype {:?}", path.display(), view.dtype()))?;
+        let kind = kind_of(view.dtype()).with_context(|| {
+            format!("'{}': tensor '{name}' has unsupported dtype {:?}", path.display(), view.dtype())
+        })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         out.push((name, Tensor::from_data_size(view.data(), &shape, kind)));
     }
@@ -72,7 +73,7 @@ pub fn read_safetensors_map(path: &Path) -> Result<HashMap<String, Tensor>> {
 
 /// Raw little-endian bytes of a tensor (moved to the CPU, made contiguous).
 fn tensor_bytes(t: &Tensor) -> Vec<u8> {
-    let flat = t.to_device(Device::Cpu).contiguous().view_dtype(Kind::Uint8).reshape([-1]);
+    let flat = t.to_device(Device::Cpu).contiguous().reshape([-1]).view_dtype(Kind::Uint8);
     Vec::<u8>::try_from(&flat).expect("a uint8 CPU tensor converts to bytes")
 }
 

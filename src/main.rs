@@ -1,1 +1,4 @@
-fn main(){}
+//! The `vtp` command-line tool.
+fn main() {
+    std::process::exit(vtp::cli::main());
+}

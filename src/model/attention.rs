@@ -18,8 +18,8 @@ impl SelfAttention {
     /// Builds attention over `dim` channels with `num_heads` heads.
     pub fn new(p: nn::Path, dim: i64, num_heads: i64, use_qk_norm: bool) -> Self {
         let head_dim = dim / num_heads;
-        let qk_norm = use_qk_norm
-            .then(|| (Norm::rms(&p / "q_norm", head_dim, 1e-5), Norm::rms(&p / "k_norm", head_dim, 1e-5)));
+        let qk_norm =
+            use_qk_norm.then(|| (Norm::rms(&p / "q_norm", head_dim, 1e-5), Norm::rms(&p / "k_norm", head_dim, 1e-5)));
         Self {
             qkv: linear(&p / "qkv", dim, 3 * dim, true),
             proj: linear(&p / "proj", dim, dim, true),

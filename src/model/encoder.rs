@@ -37,7 +37,8 @@ impl VisionEncoder {
         let d = s.embed_dim;
         let bound = (1.0 / (3 * c.vision_patch_size * c.vision_patch_size) as f64).sqrt();
         let uniform = nn::Init::Uniform { lo: -bound, up: bound };
-        let conv = nn::ConvConfig { stride: c.vision_patch_size, ws_init: uniform, bs_init: uniform, ..Default::default() };
+        let conv =
+            nn::ConvConfig { stride: c.vision_patch_size, ws_init: uniform, bs_init: uniform, ..Default::default() };
         Self {
             patch_embed: nn::conv2d(&p / "patch_embed" / "proj", 3, d, c.vision_patch_size, conv),
             cls_token: p.var("cls_token", &[1, 1, d], nn::Init::Randn { mean: 0.0, stdev: 0.02 }),
@@ -105,10 +106,7 @@ impl VisionEncoder {
     /// split into CLS and patches, shallow to deep.
     pub fn intermediate_layers(&self, image: &Tensor, layers: &[i64], norm: bool) -> Vec<Features> {
         let (_, taken, grid) = self.run_blocks(image, layers);
-        taken
-            .into_iter()
-            .map(|x| Self::split(if norm { self.norm.forward(&x) } else { x }, grid))
-            .collect()
+        taken.into_iter().map(|x| Self::split(if norm { self.norm.forward(&x) } else { x }, grid)).collect()
     }
 
     /// Number of blocks.

@@ -50,10 +50,9 @@ impl Ffn {
     pub fn new(p: nn::Path, kind: FfnLayer, dim: i64, ratio: f64) -> Self {
         let hidden = ffn_hidden(kind, dim, ratio);
         match kind {
-            FfnLayer::Mlp => Self::Mlp {
-                fc1: linear(&p / "fc1", dim, hidden, true),
-                fc2: linear(&p / "fc2", hidden, dim, true),
-            },
+            FfnLayer::Mlp => {
+                Self::Mlp { fc1: linear(&p / "fc1", dim, hidden, true), fc2: linear(&p / "fc2", hidden, dim, true) }
+            }
             _ => Self::SwiGlu {
                 w1: linear(&p / "w1", dim, hidden, true),
                 w2: linear(&p / "w2", dim, hidden, true),

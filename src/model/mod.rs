@@ -58,17 +58,14 @@ impl VtpModel {
         let trunk = VisionEncoder::new(&root / "trunk", &config);
         let pixel_decoder = config.train_reconstruction.then(|| PixelDecoder::new(&root / "pixel_decoder", &config));
         let clip = config.train_clip;
-        let visual_proj = clip.then(|| {
-            ffn::linear(&root / "visual_proj", config.clip_input_dim(), config.text_embed_dim, false)
-        });
+        let visual_proj =
+            clip.then(|| ffn::linear(&root / "visual_proj", config.clip_input_dim(), config.text_embed_dim, false));
         let text = clip.then(|| TextTower::new(&root, &config));
         let shape: &[i64] = if config.nonscalar_logit_scale { &[1] } else { &[] };
         let init_scale = config.init_logit_scale.filter(|v| *v != 0.0).unwrap_or((1.0f64 / 0.07).ln());
         let logit_scale = clip.then(|| root.var("logit_scale", shape, nn::Init::Const(init_scale)));
-        let logit_bias = config
-            .init_logit_bias
-            .filter(|_| clip)
-            .map(|b| root.var("logit_bias", shape, nn::Init::Const(b)));
+        let logit_bias =
+            config.init_logit_bias.filter(|_| clip).map(|b| root.var("logit_bias", shape, nn::Init::Const(b)));
         Ok(Self { config, vs, trunk, visual_proj, pixel_decoder, text, logit_scale, logit_bias })
     }
 
@@ -137,7 +134,12 @@ impl VtpModel {
 
     /// `get_intermediate_layers_feature(image, n, norm)`: per selected block (shallow to deep) the CLS
     /// and patch tokens, never bottlenecked. `reshape=True` is [`encoder::tokens_to_map`] on `patches`.
-    pub fn get_intermediate_layers_feature(&self, image: &Tensor, layers: &Layers, norm: bool) -> Result<Vec<Features>> {
+    pub fn get_intermediate_layers_feature(
+        &self,
+        image: &Tensor,
+        layers: &Layers,
+        norm: bool,
+    ) -> Result<Vec<Features>> {
         self.check_image(image)?;
         let depth = self.trunk.depth();
         let indices: Vec<i64> = match layers {

@@ -42,8 +42,19 @@ impl MultiheadAttention {
     fn forward_fused(&self, x: &Tensor) -> Tensor {
         let (w, out_bias) = (x.size()[2], self.out_proj.bs.as_ref().expect("out_proj has a bias"));
         Tensor::internal_native_multi_head_attention(
-            x, x, x, w, self.num_heads, &self.in_proj_weight, &self.in_proj_bias, &self.out_proj.ws, out_bias,
-            None::<Tensor>, false, true, None,
+            x,
+            x,
+            x,
+            w,
+            self.num_heads,
+            &self.in_proj_weight,
+            &self.in_proj_bias,
+            &self.out_proj.ws,
+            out_bias,
+            None::<Tensor>,
+            false,
+            true,
+            None,
         )
         .0
     }
@@ -148,9 +159,8 @@ impl TextTower {
                 nn::Init::Randn { mean: 0.0, stdev: (w as f64).powf(-0.5) },
             )),
         };
-        let attn_mask = (!c.text_no_causal_mask).then(|| {
-            Tensor::full([l, l], f64::NEG_INFINITY, (Kind::Float, root.device())).triu(1)
-        });
+        let attn_mask = (!c.text_no_causal_mask)
+            .then(|| Tensor::full([l, l], f64::NEG_INFINITY, (Kind::Float, root.device())).triu(1));
         let resblocks = root / "text_transformer" / "resblocks";
         Self {
             token_embedding: nn::embedding(root / "token_embedding", c.text_vocab_size, w, emb),
@@ -169,6 +179,11 @@ impl TextTower {
         let size = text.size();
         if size.len() != 2 || size[1] != self.context_length {
             bail!("text must be token ids [B, {}], got {:?}", self.context_length, size);
+        }
+        let vocab = self.token_embedding.ws.size()[0];
+        let (lo, hi) = (text.min().int64_value(&[]), text.max().int64_value(&[]));
+        if lo < 0 || hi >= vocab {
+            bail!("token ids must lie in [0, {vocab}) for this text tower, got ids in [{lo}, {hi}]");
         }
         let mut x = self.token_embedding.forward(text) + &self.positional_embedding;
         let mask = self.attn_mask.as_ref().map(|m| m.to_kind(x.kind()));

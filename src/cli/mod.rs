@@ -1,0 +1,151 @@
+//! The `vtp` command line (clap): one sub-command per job, errors printed as one line.
+mod bench;
+mod clip;
+mod images;
+mod model_cmds;
+mod recon;
+
+use crate::config::VtpConfig;
+use crate::model::VtpModel;
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use tch::Device;
+
+/// VTP visual tokenizer: reconstruct, encode, decode, zero-shot classify and inspect images with the
+/// released MiniMaxAI/VTP-*-f16d64 checkpoints (or a random model, so everything runs offline).
+#[derive(Parser, Debug)]
+#[command(name = "vtp", version, about, long_about = None)]
+pub struct Cli {
+    /// Device: `auto` (CUDA when libtorch has it and a GPU is present, else CPU), `cpu`, `cuda`, `cuda:N`.
+    #[arg(long, global = true, default_value = "auto")]
+    device: String,
+    /// CPU threads for libtorch (default: libtorch's choice).
+    #[arg(long, global = true)]
+    threads: Option<i32>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Encode and decode images; writes PNGs and prints PSNR per image and on average.
+    Reconstruct(recon::ReconstructArgs),
+    /// Encode images to 64-channel latents [C, H/16, W/16], one tensor per image in a .safetensors file.
+    Encode(recon::EncodeArgs),
+    /// Decode every latent tensor of a .safetensors file (as written by `encode`) to PNGs.
+    Decode(recon::DecodeArgs),
+    /// Zero-shot classification: probability of each label for each image (CLIP, logit scale 100).
+    ZeroShot(clip::ZeroShotArgs),
+    /// Write encoder features (CLS + patch tokens, last or intermediate layers, CLIP embedding).
+    Features(recon::FeaturesArgs),
+    /// Print the CLIP BPE token ids of each text, one line per text.
+    Tokenize(clip::TokenizeArgs),
+    /// Write a randomly initialised model in the released format (config.json + model.safetensors).
+    Init(model_cmds::InitArgs),
+    /// Run a model on the inputs of a reference dump and compare every output (relative L2 error).
+    Check(model_cmds::CheckArgs),
+    /// Time `reconstruct` (encode + decode) on random images; prints one JSON line.
+    Bench(bench::BenchArgs),
+}
+
+/// Where the weights come from: `--model` (a directory or `hf:ORG/NAME[@REV]`), else a random preset.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Released-format directory (config.json + model.safetensors) or a Hugging Face id such as
+    /// `hf:MiniMaxAI/VTP-Small-f16d64` (resolved through the Hugging Face cache, downloaded when online).
+    #[arg(long, short = 'm')]
+    model: Option<String>,
+    /// Without --model: build a randomly initialised model of this preset (small, base, large).
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// Seed of the random initialisation (with --preset).
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+}
+
+impl ModelArgs {
+    /// Loads (or randomly builds) the model on `device`.
+    pub fn load(&self, device: Device) -> Result<VtpModel> {
+        match &self.model {
+            Some(spec) => VtpModel::load(&crate::hub::resolve_model_dir(spec)?, device),
+            None => {
+                eprintln!("note: no --model given; using a randomly initialised '{}' model", self.preset);
+                tch::manual_seed(self.seed);
+                VtpModel::new(VtpConfig::preset(&self.preset)?, device)
+            }
+        }
+    }
+}
+
+fn parse_device(spec: &str) -> Result<Device> {
+    Ok(match spec {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Device::Cuda(i),
+            _ => bail!("unknown device '{other}' (expected auto, cpu, cuda or cuda:N)"),
+        },
+    })
+}
+
+/// The first line of an error chain: libtorch errors carry multi-line C++ backtraces.
+fn one_line(err: &anyhow::Error) -> String {
+    let text = format!("{err:#}");
+    text.lines().next().unwrap_or_default().trim_end().to_string()
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        tch::set_num_threads(n);
+    }
+    let device = parse_device(&cli.device)?;
+    if let Device::Cuda(_) = device {
+        if !tch::Cuda::is_available() {
+            bail!("device '{}' requested but no CUDA GPU is available to libtorch", cli.device);
+        }
+    }
+    let _no_grad = tch::no_grad_guard();
+    match cli.command {
+        Command::Reconstruct(a) => recon::reconstruct(&a, device),
+        Command::Encode(a) => recon::encode(&a, device),
+        Command::Decode(a) => recon::decode(&a, device),
+        Command::Features(a) => recon::features(&a, device),
+        Command::ZeroShot(a) => clip::zero_shot(&a, device),
+        Command::Tokenize(a) => clip::tokenize(&a),
+        Command::Init(a) => model_cmds::init(&a, device),
+        Command::Check(a) => model_cmds::check(&a, device),
+        Command::Bench(a) => bench::bench(&a, device),
+    }
+}
+
+/// Entry point of the binary: parses arguments, runs, prints `error: …` on one line; returns the
+/// exit code. Panics are reported on one line too, without a backtrace.
+pub fn main() -> i32 {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()));
+        let msg = msg.unwrap_or_default();
+        // libtorch messages carry C++ backtraces after the first (possibly escaped) newline.
+        let first = msg.split(['\n']).next().unwrap_or_default().split("\\n").next().unwrap_or_default();
+        eprintln!("error: internal error: {first}");
+    }));
+    let cli = Cli::parse();
+    match std::panic::catch_unwind(|| run(cli)) {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            eprintln!("error: {}", one_line(&e));
+            1
+        }
+        Err(_) => 2,
+    }
+}
+
+/// Output folder helper shared by the commands.
+pub(crate) fn out_path(dir: &std::path::Path, stem: &str, ext: &str) -> PathBuf {
+    dir.join(format!("{stem}.{ext}"))
+}

@@ -1,0 +1,2 @@
+//! Image input/output: decoding, fitting, normalisation, PNG writing and PSNR.
+pub mod image;

@@ -90,7 +90,7 @@ pub fn reconstruct(a: &ReconstructArgs, device: Device) -> Result<()> {
             save_batch_image(&path, &y, i as i64)?;
             let p = psnr(&named.image.data, &to_vec(&y.get(i as i64)));
             total += p;
-            bar.println(format!("{}: PSNR {p:.2} dB -> {}", named.name, path.display()));
+            bar.suspend(|| println!("{}: PSNR {p:.2} dB -> {}", named.name, path.display()));
             bar.inc(1);
         }
     }

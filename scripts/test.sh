@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): sets up libtorch, builds, runs every test.
-# Tests read the golden fixtures from ../shared/fixtures (override with VTP_FIXTURES).
+# Parity tests print every output's error (--nocapture). Tests read the golden fixtures from ../shared/fixtures (override with VTP_FIXTURES).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$VTP_ROOT"
 cargo fmt --check
-cargo test --release --locked -- --test-threads=2
+cargo test --release --locked -- --test-threads=2 --nocapture

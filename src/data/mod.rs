@@ -1,2 +1,18 @@
-//! Image input/output: decoding, fitting, normalisation, PNG writing and PSNR.
+//! Data: the stream of captioned samples every stage reads (pre-training, evaluation, generation),
+//! its sources (built-in synthetic scenes, WebDataset shards, image folders) and the per-branch
+//! augmentations and iBOT masking (spec §4.2–§4.3).
 pub mod image;
+
+use std::collections::BTreeMap;
+
+/// One sample: an RGB image, its caption and optional integer class labels by label set
+/// (`"cls"` for a WebDataset `.cls` / class folder; `"shape"`, `"color"`, `"shape_color"` for the
+/// synthetic scenes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    /// Unique key within its source (the WebDataset `__key__`, a file stem, or `synthetic-<split>-<index>`).
+    pub key: String,
+    pub image: ::image::RgbImage,
+    pub caption: String,
+    pub labels: BTreeMap<String, i64>,
+}

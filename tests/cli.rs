@@ -220,3 +220,35 @@ fn bad_inputs_are_one_line_errors() {
     let o = vtp(&["decode", "--model", s(&model), s(&garbage)]);
     assert_one_line_error(&o, &["garbage.png"]);
 }
+
+#[test]
+fn data_write_shards_and_inspect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    let o = vtp(&[
+        "data",
+        "write-shards",
+        "--source",
+        "synthetic:train?n=30&res=32",
+        "--out",
+        s(&shards),
+        "--per-shard",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("wrote 30 samples in 4 shards"), "{}", stdout(&o));
+    let spec = format!("{}/{{000000..000003}}.tar", s(&shards));
+    let out = tmp.path().join("inspect");
+    let o = vtp(&["data", "inspect", &spec, "--out", s(&out), "--global-size", "64", "--local-size", "32"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("samples read: 30"), "{text}");
+    assert!(text.contains("skipped: 0 corrupt, 0 without caption"), "{text}");
+    assert!(text.contains("shape_color (30)"), "{text}");
+    for sheet in ["samples.png", "augmentations.png"] {
+        let img = image::open(out.join(sheet)).unwrap();
+        assert!(img.width() > 100 && img.height() > 100, "{sheet}");
+    }
+    let o = vtp(&["data", "inspect", s(&tmp.path().join("missing.tar"))]);
+    assert_one_line_error(&o, &["missing.tar"]);
+}

@@ -1,6 +1,7 @@
 //! The `vtp` command line (clap): one sub-command per job, errors printed as one line.
 mod bench;
 mod clip;
+mod data;
 mod images;
 mod model_cmds;
 mod recon;
@@ -47,6 +48,11 @@ enum Command {
     Check(model_cmds::CheckArgs),
     /// Time `reconstruct` (encode + decode) on random images; prints one JSON line.
     Bench(bench::BenchArgs),
+    /// Data sources: export to WebDataset shards, inspect, benchmark the augmentations.
+    Data {
+        #[command(subcommand)]
+        command: data::DataCommand,
+    },
 }
 
 /// Where the weights come from: `--model` (a directory or `hf:ORG/NAME[@REV]`), else a random preset.
@@ -117,6 +123,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Init(a) => model_cmds::init(&a, device),
         Command::Check(a) => model_cmds::check(&a, device),
         Command::Bench(a) => bench::bench(&a, device),
+        Command::Data { command } => data::run(&command),
     }
 }
 

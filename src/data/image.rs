@@ -62,20 +62,25 @@ pub fn prepare_rgb(img: &RgbImage, patch: u32, fit: Fit) -> Result<ImageTensor> 
     prepare_named(img, patch, fit, "image")
 }
 
-/// Writes an ImageNet-normalised CHW image as an 8-bit RGB PNG, creating parent directories.
-///
-/// Each value is de-normalised (`x * std + mean`), clamped to `[0, 1]`, scaled by 255 and
-/// **truncated** to `u8`, like the reference tools' `astype(uint8)` (spec §5.3, §7.8).
-pub fn save_png(path: &Path, chw_normalised: &[f32], height: usize, width: usize) -> Result<()> {
-    let fail = |msg: String| anyhow!("cannot write PNG '{}': {msg}", path.display());
+/// De-normalises an ImageNet-normalised CHW image into 8-bit RGB: `x * std + mean`, clamped to
+/// `[0, 1]`, scaled by 255 and **truncated** to `u8`, like the reference tools' `astype(uint8)`
+/// (spec §5.3, §7.8).
+pub fn to_rgb_image(chw_normalised: &[f32], height: usize, width: usize) -> Result<RgbImage> {
     let plane = height * width;
     if chw_normalised.len() != 3 * plane {
-        return Err(fail(format!("expected 3x{height}x{width} = {} values, got {}", 3 * plane, chw_normalised.len())));
+        bail!("expected 3x{height}x{width} = {} values, got {}", 3 * plane, chw_normalised.len());
     }
-    let too_big = || fail(format!("size {width}x{height} is too large"));
+    let too_big = || anyhow!("size {width}x{height} is too large");
     let w = u32::try_from(width).map_err(|_| too_big())?;
     let h = u32::try_from(height).map_err(|_| too_big())?;
-    let img = RgbImage::from_raw(w, h, interleave_u8(chw_normalised, plane)).ok_or_else(too_big)?;
+    RgbImage::from_raw(w, h, interleave_u8(chw_normalised, plane)).ok_or_else(too_big)
+}
+
+/// Writes an ImageNet-normalised CHW image as an 8-bit RGB PNG ([`to_rgb_image`]), creating parent
+/// directories.
+pub fn save_png(path: &Path, chw_normalised: &[f32], height: usize, width: usize) -> Result<()> {
+    let fail = |msg: String| anyhow!("cannot write PNG '{}': {msg}", path.display());
+    let img = to_rgb_image(chw_normalised, height, width).map_err(|e| fail(e.to_string()))?;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).map_err(|e| fail(one_line(&e)))?;
     }

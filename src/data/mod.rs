@@ -1,7 +1,14 @@
 //! Data: the stream of captioned samples every stage reads (pre-training, evaluation, generation),
 //! its sources (built-in synthetic scenes, WebDataset shards, image folders) and the per-branch
 //! augmentations and iBOT masking (spec §4.2–§4.3).
+pub mod augment;
+pub mod contact_sheet;
+pub mod folder;
 pub mod image;
+pub mod masking;
+pub mod source;
+pub mod synthetic;
+pub mod webdataset;
 
 use std::collections::BTreeMap;
 
@@ -10,7 +17,7 @@ use std::collections::BTreeMap;
 /// synthetic scenes).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
-    /// Unique key within its source (the WebDataset `__key__`, a file stem, or `synthetic-<split>-<index>`).
+    /// Unique key within its source (the WebDataset `__key__`, a file stem, or `synthetic-<split>-<seed>-<index>`).
     pub key: String,
     pub image: ::image::RgbImage,
     pub caption: String,

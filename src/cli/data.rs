@@ -163,7 +163,7 @@ fn inspect(a: &InspectArgs) -> Result<()> {
     stats.print();
     let tiles: Vec<Tile> = shown.iter().map(|s| Tile { image: s.image.clone(), caption: s.caption.clone() }).collect();
     let samples_png = a.out.join("samples.png");
-    save_sheet(&contact_sheet(&tiles, 4, 128, 5), &samples_png)?;
+    save_sheet(&contact_sheet(&tiles, 4, 128, 7), &samples_png)?;
     let augment_png = a.out.join("augmentations.png");
     save_sheet(&augmentation_sheet(&shown[..shown.len().min(4)], a)?, &augment_png)?;
     println!("wrote {} and {}", samples_png.display(), augment_png.display());

@@ -1,0 +1,2 @@
+//! Evaluation (spec §5): zero-shot classification, linear probing, and reconstruction metrics
+//! (PSNR, SSIM, LPIPS, rFID with the FID Inception network and pytorch-fid's Fréchet distance).

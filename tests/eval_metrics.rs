@@ -84,3 +84,31 @@ fn ssim_of_hand_computable_cases() {
     let noisy = ssim(&x, &(&x * 0.5 + 0.25)).double_value(&[0]);
     assert!(noisy > 0.0 && noisy < 1.0, "{noisy}");
 }
+
+#[test]
+fn fid_stats_npz_round_trips_through_numpy() {
+    use vtp::eval::fid_stats::{read_npz, write_npz};
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(python.exists(), "the project venv is missing: run scripts/setup.sh");
+    let tmp = tempfile::tempdir().unwrap();
+    tch::manual_seed(3);
+    let stats = GaussianStats::from_features(&Tensor::randn([20, 5], (Kind::Double, Device::Cpu))).unwrap();
+    let ours = tmp.path().join("ours.npz");
+    write_npz(&ours, &stats).unwrap();
+    let theirs = tmp.path().join("theirs.npz");
+    let script = "import sys, numpy as np\nf = np.load(sys.argv[1])\n\
+        np.savez_compressed(sys.argv[2], mu=f['mu'].astype(np.float32), sigma=f['sigma'])\n\
+        print(f['mu'].dtype, f['mu'].shape, f['sigma'].shape, float(f['sigma'].sum()))";
+    let out = std::process::Command::new(&python).args(["-c", script]).arg(&ours).arg(&theirs).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("float64 (5,) (5, 5)"), "{text}");
+    let sum: f64 = text.split_whitespace().last().unwrap().parse().unwrap();
+    assert!((sum - stats.sigma.sum(Kind::Double).double_value(&[])).abs() < 1e-12);
+    let back = read_npz(&theirs).unwrap();
+    assert!((back.sigma - &stats.sigma).abs().max().double_value(&[]) == 0.0);
+    assert!((back.mu - &stats.mu).abs().max().double_value(&[]) < 1e-6, "mu went through float32");
+    std::fs::write(tmp.path().join("bad.npz"), b"nope").unwrap();
+    let err = read_npz(&tmp.path().join("bad.npz")).unwrap_err().to_string();
+    assert!(err.contains("bad.npz") && !err.contains('\n'), "{err}");
+}

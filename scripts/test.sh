@@ -4,5 +4,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$VTP_ROOT"
+vtp_test_python_packages
 cargo fmt --check
 cargo test --release --locked -- --test-threads=2 --nocapture

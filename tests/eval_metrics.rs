@@ -52,7 +52,7 @@ fn frechet_distance_of_identical_sets_is_zero_and_shapes_are_checked() {
 #[test]
 fn psnr_of_hand_computable_cases() {
     let a = Tensor::zeros([2, 3, 4, 4], (Kind::Float, Device::Cpu));
-    let mut b = a.copy();
+    let b = a.copy();
     let _ = b.get(0).fill_(0.1); // mse 0.01 -> 20 dB
     let _ = b.get(1).fill_(0.5); // mse 0.25 -> 6.0206 dB
     let p = Vec::<f64>::try_from(psnr(&a, &b)).unwrap();

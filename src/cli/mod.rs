@@ -2,6 +2,8 @@
 mod bench;
 mod clip;
 mod data;
+mod eval;
+mod fid;
 mod images;
 mod model_cmds;
 mod recon;
@@ -48,6 +50,14 @@ enum Command {
     Check(model_cmds::CheckArgs),
     /// Time `reconstruct` (encode + decode) on random images; prints one JSON line.
     Bench(bench::BenchArgs),
+    /// Evaluate a tokenizer: zero-shot (§5.1), linear probing (§5.2), PSNR/SSIM/LPIPS/rFID (§5.3); JSON report.
+    Eval(eval::EvalArgs),
+    /// Inception statistics (`mu`, `sigma`) of an image folder as a pytorch-fid compatible .npz.
+    FidStats(fid::FidStatsArgs),
+    /// FID between two image folders or .npz statistics files (as `python -m pytorch_fid A B`).
+    Fid(fid::FidArgs),
+    /// Convert PyTorch weight files (FID Inception, LPIPS-VGG) to safetensors.
+    Convert(fid::ConvertArgs),
     /// Data sources: export to WebDataset shards, inspect, benchmark the augmentations.
     Data {
         #[command(subcommand)]
@@ -71,6 +81,14 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// What the report calls this model: the `--model` spec, or the random preset and seed.
+    pub fn describe(&self) -> String {
+        match &self.model {
+            Some(spec) => spec.clone(),
+            None => format!("random '{}' (seed {})", self.preset, self.seed),
+        }
+    }
+
     /// Loads (or randomly builds) the model on `device`.
     pub fn load(&self, device: Device) -> Result<VtpModel> {
         match &self.model {
@@ -124,6 +142,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Check(a) => model_cmds::check(&a, device),
         Command::Bench(a) => bench::bench(&a, device),
         Command::Data { command } => data::run(&command),
+        Command::Eval(a) => eval::eval(&a, device),
+        Command::FidStats(a) => fid::fid_stats(&a, device),
+        Command::Fid(a) => fid::fid(&a, device),
+        Command::Convert(a) => fid::convert(&a),
     }
 }
 

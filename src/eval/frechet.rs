@@ -84,11 +84,16 @@ fn exactly_singular(m: &Tensor) -> bool {
     zeros >= 2 || !finite
 }
 
-/// `tr √(Σ₁Σ₂) = Σ √λ(Σ₁^½ Σ₂ Σ₁^½)`, eigenvalues clipped at zero.
+/// `tr √(Σ₁Σ₂) = Σ √λ(Σ₁^½ Σ₂ Σ₁^½)`. Eigenvalues below the round-off level `d·ε·λ_max` are set to
+/// zero: they are noise of a rank-deficient product (fewer samples than dimensions), and their square
+/// roots would otherwise add up to a visible bias (e.g. a negative FID between identical small sets).
 fn trace_sqrt_product(s1: &Tensor, s2: &Tensor) -> f64 {
     let (values, vectors) = s1.linalg_eigh("L");
     let root = (&vectors * values.clamp_min(0.0).sqrt().unsqueeze(0)).matmul(&vectors.tr());
     let inner = root.matmul(s2).matmul(&root);
     let inner = (&inner + inner.tr()) / 2.0;
-    inner.linalg_eigvalsh("L").clamp_min(0.0).sqrt().sum(Kind::Double).double_value(&[])
+    let eigenvalues = inner.linalg_eigvalsh("L");
+    let noise = eigenvalues.abs().max().double_value(&[]) * eigenvalues.size()[0] as f64 * f64::EPSILON;
+    let signal = eigenvalues.where_scalarother(&eigenvalues.gt(noise), 0.0);
+    signal.sqrt().sum(Kind::Double).double_value(&[])
 }

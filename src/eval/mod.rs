@@ -1,5 +1,11 @@
 //! Evaluation (spec §5): zero-shot classification, linear probing, and reconstruction metrics
 //! (PSNR, SSIM, LPIPS, rFID with the FID Inception network and pytorch-fid's Fréchet distance).
+pub mod classnames;
 pub mod fid_stats;
 pub mod frechet;
+pub mod inception;
+pub mod linear_probe;
+pub mod lpips;
 pub mod metrics;
+pub mod recon;
+pub mod zero_shot;

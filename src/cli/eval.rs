@@ -1,0 +1,237 @@
+//! `vtp eval`: zero-shot classification (§5.1), linear probing (§5.2) and reconstruction metrics
+//! (§5.3) of a tokenizer on a labelled source; prints a table and writes a JSON report in which every
+//! number names its protocol, data set, image count and the model's checksum.
+use super::fid::InceptionArgs;
+use super::images::progress;
+use super::ModelArgs;
+use crate::data::source::{self, StreamOptions};
+use crate::data::Sample;
+use crate::eval::classnames;
+use crate::eval::linear_probe::{
+    extract_features, model_fingerprint, resize_center_crop, train_linear_probe, CacheKey, FeatureCache,
+    LinearProbeResult, ProbeConfig, Protocol, PROBE_CROP, PROBE_RESIZE,
+};
+use crate::eval::lpips::{self, Lpips};
+use crate::eval::recon::{self, ReconMetrics, ReconResult};
+use crate::eval::zero_shot::{
+    labelled_batches, squash_resize, ZeroShotClassifier, ZeroShotResult, DEFAULT_CLASS_BATCH,
+};
+use crate::model::VtpModel;
+use anyhow::{bail, Result};
+use clap::Args;
+use indicatif::ProgressBar;
+use serde::Serialize;
+use std::path::PathBuf;
+use tch::Device;
+
+/// Arguments of `vtp eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Evaluation data (source SPEC, see `vtp data --help`); the synthetic held-out split by default.
+    #[arg(long, default_value = "synthetic:heldout?n=200&res=256")]
+    data: String,
+    /// Comma-separated tasks: zero-shot, linear-probe, recon.
+    #[arg(long, default_value = "zero-shot,linear-probe,recon")]
+    tasks: String,
+    /// Zero-shot class set: imagenet, cifar10, synthetic-shape, synthetic-color, synthetic-shape_color.
+    #[arg(long, default_value = "synthetic-shape")]
+    classes: String,
+    /// Linear-probe training data (SPEC); the probe is evaluated on --data.
+    #[arg(long, default_value = "synthetic:train?n=1000&res=256")]
+    train_data: String,
+    /// Linear-probe feature protocols: official-n1, official-n4, last-cls, bottleneck.
+    #[arg(long, default_value = "official-n1,official-n4,last-cls,bottleneck")]
+    protocols: String,
+    /// Linear-probe epochs.
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// At most this many images per data set.
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[command(flatten)]
+    inception: InceptionArgs,
+    /// LPIPS backbone: torchvision's `vgg16-397923af.pth` (default: `$VTP_WEIGHTS` or ~/.cache/vtp/weights/).
+    #[arg(long)]
+    lpips_backbone: Option<PathBuf>,
+    /// LPIPS heads: the `lpips` PyPI package's `weights/v0.1/vgg.pth` (default: as --lpips-backbone).
+    #[arg(long)]
+    lpips_heads: Option<PathBuf>,
+    /// Folder of cached linear-probe features.
+    #[arg(long, default_value = "out/eval/cache")]
+    cache: PathBuf,
+    /// JSON report path.
+    #[arg(long, short = 'o', default_value = "out/eval/report.json")]
+    out: PathBuf,
+}
+
+/// The JSON report.
+#[derive(Serialize, Debug)]
+struct Report {
+    model: String,
+    model_fingerprint: String,
+    data: String,
+    zero_shot: Option<ZeroShotResult>,
+    linear_probe: Vec<LinearProbeResult>,
+    linear_probe_train_data: Option<String>,
+    reconstruction: Option<ReconResult>,
+    skipped: Vec<String>,
+}
+
+/// The source stream limited to `limit` samples, with a progress bar.
+fn samples(spec: &str, limit: usize, what: &str) -> Result<(impl Iterator<Item = Result<Sample>>, ProgressBar)> {
+    let bar = progress(limit, what);
+    let counter = bar.clone();
+    let stream = source::open(spec, &StreamOptions::default())?.take(limit).inspect(move |_| counter.inc(1));
+    Ok((stream, bar))
+}
+
+fn zero_shot(model: &VtpModel, a: &EvalArgs) -> Result<ZeroShotResult> {
+    let set = classnames::resolve(&a.classes)?;
+    let classifier = ZeroShotClassifier::build(model, &set.class_names, &set.templates, DEFAULT_CLASS_BATCH)?;
+    let (stream, bar) = samples(&a.data, a.limit, "zero-shot")?;
+    let batches = labelled_batches(stream, &set.label_key, a.batch, |img| squash_resize(img, 256));
+    let mut result = classifier.evaluate(model, batches)?;
+    bar.finish_and_clear();
+    result.protocol = format!("{} on '{}' ({})", result.protocol, a.data, set.name);
+    Ok(result)
+}
+
+fn probe_features(
+    model: &VtpModel,
+    a: &EvalArgs,
+    spec: &str,
+    protocol: Protocol,
+    fingerprint: &str,
+) -> Result<(tch::Tensor, tch::Tensor)> {
+    let set = classnames::resolve(&a.classes)?;
+    let key = CacheKey {
+        model: fingerprint.to_string(),
+        data: format!("{spec}|n{}|resize{PROBE_RESIZE}crop{PROBE_CROP}|{}", a.limit, set.label_key),
+        protocol: protocol.name(),
+    };
+    FeatureCache::new(&a.cache).get_or_compute(&key, || {
+        let (stream, bar) = samples(spec, a.limit, &format!("features {}", protocol.name()))?;
+        let batches =
+            labelled_batches(stream, &set.label_key, a.batch, |img| resize_center_crop(img, PROBE_RESIZE, PROBE_CROP));
+        let out = extract_features(model, batches, protocol);
+        bar.finish_and_clear();
+        out
+    })
+}
+
+fn linear_probe(
+    model: &VtpModel,
+    a: &EvalArgs,
+    fingerprint: &str,
+    skipped: &mut Vec<String>,
+) -> Result<Vec<LinearProbeResult>> {
+    let config = ProbeConfig { epochs: a.epochs, ..ProbeConfig::default() };
+    let mut results = Vec::new();
+    for name in a.protocols.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let protocol: Protocol = name.parse()?;
+        if let Err(e) = protocol.check(model) {
+            skipped.push(format!("linear-probe {name}: {e}"));
+            continue;
+        }
+        let train = probe_features(model, a, &a.train_data, protocol, fingerprint)?;
+        let val = probe_features(model, a, &a.data, protocol, fingerprint)?;
+        let mut r = train_linear_probe((&train.0, &train.1), (&val.0, &val.1), None, &config, &protocol.description())?;
+        r.protocol = format!("{} (train '{}', eval '{}')", r.protocol, a.train_data, a.data);
+        results.push(r);
+    }
+    Ok(results)
+}
+
+fn reconstruction(model: &VtpModel, a: &EvalArgs, device: Device, skipped: &mut Vec<String>) -> Result<ReconResult> {
+    let inception = match a.inception.path() {
+        Some(_) => Some(a.inception.load(device)?),
+        None => {
+            skipped.push(format!("rFID: {}", crate::eval::inception::WEIGHTS_HELP));
+            None
+        }
+    };
+    let lpips = match lpips::resolve_weight_paths(a.lpips_backbone.as_deref(), a.lpips_heads.as_deref()) {
+        Ok(p) => Some(Lpips::load(&p.backbone, &p.heads, device)?),
+        Err(e) => {
+            skipped.push(format!("LPIPS: {e}"));
+            None
+        }
+    };
+    let (stream, bar) = samples(&a.data, a.limit, "reconstruct")?;
+    let metrics = ReconMetrics { inception: inception.as_ref(), lpips: lpips.as_ref(), size: 256, batch: a.batch };
+    let mut result = recon::evaluate(model, stream, &metrics, |_| {})?;
+    bar.finish_and_clear();
+    result.protocol = format!("{} on '{}'", result.protocol, a.data);
+    Ok(result)
+}
+
+fn print_table(r: &Report) {
+    println!("{:<44} {:>10} {:>8}  protocol", "metric", "value", "images");
+    let row = |name: &str, v: f64, n: usize, p: &str| println!("{name:<44} {v:>10.4} {n:>8}  {p}");
+    if let Some(z) = &r.zero_shot {
+        row("zero-shot top-1 (%)", z.top1, z.n_images, &z.protocol);
+        row("zero-shot top-5 (%)", z.top5, z.n_images, &z.protocol);
+    }
+    for p in &r.linear_probe {
+        row(&format!("linear probe top-1 (%) lr {:.0e}", p.best_lr), p.top1, p.n_val, &p.protocol);
+    }
+    if let Some(rc) = &r.reconstruction {
+        row("PSNR (dB)", rc.psnr, rc.n_images, &rc.protocol);
+        row("SSIM", rc.ssim, rc.n_images, &rc.protocol);
+        for (name, v) in [("LPIPS-VGG", rc.lpips), ("rFID", rc.rfid)] {
+            if let Some(v) = v {
+                row(name, v, rc.n_images, &rc.protocol);
+            }
+        }
+    }
+    for s in &r.skipped {
+        println!("skipped: {s}");
+    }
+}
+
+/// Runs the requested tasks and writes the report.
+pub fn eval(a: &EvalArgs, device: Device) -> Result<()> {
+    let tasks: Vec<&str> = a.tasks.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if let Some(t) = tasks.iter().find(|t| !["zero-shot", "linear-probe", "recon"].contains(t)) {
+        bail!("unknown task '{t}' (expected zero-shot, linear-probe, recon)");
+    }
+    let model = a.model.load(device)?;
+    let fingerprint = model_fingerprint(&model)?;
+    let mut report = Report {
+        model: a.model.describe(),
+        model_fingerprint: fingerprint.clone(),
+        data: a.data.clone(),
+        zero_shot: None,
+        linear_probe: Vec::new(),
+        linear_probe_train_data: None,
+        reconstruction: None,
+        skipped: Vec::new(),
+    };
+    if tasks.contains(&"zero-shot") {
+        if model.config.train_clip {
+            report.zero_shot = Some(zero_shot(&model, a)?);
+        } else {
+            report.skipped.push("zero-shot: the model has no CLIP text tower (train_clip = false)".into());
+        }
+    }
+    if tasks.contains(&"linear-probe") {
+        report.linear_probe = linear_probe(&model, a, &fingerprint, &mut report.skipped)?;
+        report.linear_probe_train_data = Some(a.train_data.clone());
+    }
+    if tasks.contains(&"recon") {
+        if model.config.train_reconstruction {
+            report.reconstruction = Some(reconstruction(&model, a, device, &mut report.skipped)?);
+        } else {
+            report.skipped.push("recon: the model has no pixel decoder".into());
+        }
+    }
+    print_table(&report);
+    crate::io::write_atomic(&a.out, (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
+    println!("wrote {}", a.out.display());
+    Ok(())
+}

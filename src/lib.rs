@@ -9,3 +9,4 @@ pub mod hub;
 pub mod io;
 pub mod model;
 pub mod tokenizer;
+pub mod torch_load;

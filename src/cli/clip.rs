@@ -1,10 +1,11 @@
 //! `vtp zero-shot` and `vtp tokenize`: the CLIP side of the tokenizer.
 use super::images::{batches, to_tensor, ImageInputs};
 use super::ModelArgs;
+use crate::model::text::token_ids;
 use crate::tokenizer::{ClipTokenizer, DEFAULT_CONTEXT_LENGTH};
 use anyhow::{bail, Result};
 use clap::Args;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 /// The fixed logit scale of VTP's zero-shot tool (spec §5.1, §7.19), not `exp(logit_scale)`.
 pub const ZERO_SHOT_LOGIT_SCALE: f64 = 100.0;
@@ -35,13 +36,6 @@ pub struct TokenizeArgs {
     texts: Vec<String>,
 }
 
-/// Token ids of `texts` as an int64 tensor `[N, context_length]` (spec §3).
-pub fn tokenize_tensor(tokenizer: &ClipTokenizer, texts: &[&str], context_length: usize) -> Tensor {
-    let rows = tokenizer.tokenize(texts, context_length);
-    let flat: Vec<i64> = rows.concat();
-    Tensor::from_slice(&flat).view([texts.len() as i64, context_length as i64])
-}
-
 /// Print one line of ids per text.
 pub fn tokenize(a: &TokenizeArgs) -> Result<()> {
     if a.context_length < 2 {
@@ -69,7 +63,7 @@ pub fn zero_shot(a: &ZeroShotArgs, device: Device) -> Result<()> {
     let prompts: Vec<String> = labels.iter().map(|l| a.template.replace("{}", l)).collect();
     let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let context_length = model.config.text_context_length as usize;
-    let text = tokenize_tensor(&ClipTokenizer::new(), &prompts, context_length).to_device(device);
+    let text = token_ids(&ClipTokenizer::new(), &prompts, context_length).to_device(device);
     let text_features = model.get_clip_text_feature(&text, true)?;
     let images = a.images.load(model.config.vision_patch_size)?;
     for chunk in batches(&images, a.images.batch) {

@@ -17,6 +17,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::image::{prepare_rgb, Fit, ImageTensor};
 use crate::data::Sample;
+use crate::model::text::token_ids;
 use crate::model::VtpModel;
 use crate::tokenizer::ClipTokenizer;
 
@@ -88,10 +89,7 @@ impl ZeroShotClassifier {
                 let prompts: Vec<String> =
                     chunk.iter().flat_map(|c| templates.iter().map(move |t| fill_template(t, c))).collect();
                 let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-                let ids: Vec<i64> = tokenizer.tokenize(&prompts, context_length).concat();
-                let tokens = Tensor::from_slice(&ids)
-                    .view([prompts.len() as i64, context_length as i64])
-                    .to_device(model.device());
+                let tokens = token_ids(&tokenizer, &prompts, context_length).to_device(model.device());
                 let features = model.get_clip_text_feature(&tokens, true)?.to_kind(Kind::Float);
                 let width = features.size()[1];
                 let mean = features.view([chunk.len() as i64, n_templates, width]).mean_dim(1, false, None::<Kind>);

@@ -207,3 +207,9 @@ impl TextTower {
         })
     }
 }
+
+/// Token ids of `texts` as the text tower's int64 input `[N, context_length]` (spec §3).
+pub fn token_ids(tokenizer: &crate::tokenizer::ClipTokenizer, texts: &[&str], context_length: usize) -> Tensor {
+    let flat: Vec<i64> = tokenizer.tokenize(texts, context_length).concat();
+    Tensor::from_slice(&flat).view([texts.len() as i64, context_length as i64])
+}

@@ -59,6 +59,12 @@ fn psnr_of_hand_computable_cases() {
     assert!((p[0] - 20.0).abs() < 1e-5, "{p:?}");
     assert!((p[1] - 10.0 * 4f64.log10()).abs() < 1e-6, "{p:?}");
     assert!(psnr(&a, &a).double_value(&[0]).is_infinite());
+    // Black against white: mse 1 -> 0 dB; half of the values differing: mse 0.5 -> 3.0103 dB.
+    let white = Tensor::ones([1, 3, 2, 2], (Kind::Float, Device::Cpu));
+    let black = Tensor::zeros([1, 3, 2, 2], (Kind::Float, Device::Cpu));
+    assert_eq!(psnr(&black, &white).double_value(&[0]), 0.0);
+    let half = Tensor::from_slice(&[1.0f32, 0.0]).repeat([6]).view([1, 3, 2, 2]);
+    assert!((psnr(&black, &half).double_value(&[0]) - 10.0 * 2f64.log10()).abs() < 1e-12);
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! `vtp reconstruct | encode | decode | features`: the tokenizer's image paths.
-use super::images::{batches, builtin_images, progress, save_batch_image, to_tensor, to_vec, ImageInputs};
+use super::images::{batches, builtin_images, progress, save_batch_image, to_tensor, ImageInputs};
 use super::{out_path, ModelArgs};
-use crate::data::image::psnr;
+use crate::eval::metrics::psnr;
+use crate::eval::recon::denormalise;
 use crate::io::{read_safetensors, write_safetensors};
 use crate::model::encoder::tokens_to_map;
 use crate::model::{Layers, VtpModel};
@@ -85,10 +86,10 @@ pub fn reconstruct(a: &ReconstructArgs, device: Device) -> Result<()> {
     for chunk in batches(&images, a.images.batch) {
         let x = to_tensor(chunk, device);
         let y = model.get_latents_decoded_images(&model.get_reconstruction_latents(&x)?)?;
-        for (i, named) in chunk.iter().enumerate() {
+        let psnrs = Vec::<f64>::try_from(psnr(&denormalise(&x), &denormalise(&y)).to_device(Device::Cpu))?;
+        for ((i, named), p) in chunk.iter().enumerate().zip(psnrs) {
             let path = out_path(&a.out, &named.name, "png");
             save_batch_image(&path, &y, i as i64)?;
-            let p = psnr(&named.image.data, &to_vec(&y.get(i as i64)));
             total += p;
             bar.suspend(|| println!("{}: PSNR {p:.2} dB -> {}", named.name, path.display()));
             bar.inc(1);

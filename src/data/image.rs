@@ -1,5 +1,5 @@
 //! Image I/O for the tokenizer: decoding, fitting to a size the model accepts, ImageNet
-//! normalisation (CHW `f32`), PNG output and PSNR.
+//! normalisation (CHW `f32`) and PNG output.
 //!
 //! Normalisation matches torchvision `ToTensor` + `Normalize` bit for bit (spec §1.6, §5).
 //! Resampling for [`Fit::AdmCenterCrop`] re-implements Pillow's `Image.resize` (BOX and BICUBIC,
@@ -85,31 +85,6 @@ pub fn save_png(path: &Path, chw_normalised: &[f32], height: usize, width: usize
         fs::create_dir_all(parent).map_err(|e| fail(one_line(&e)))?;
     }
     img.save_with_format(path, ImageFormat::Png).map_err(|e| fail(one_line(&e)))
-}
-
-/// PSNR in dB between two ImageNet-normalised CHW images of the same shape, computed on the
-/// de-normalised pixels clamped to `[0, 1]`: `10 * log10(1 / mse)`, accumulated in `f64`.
-///
-/// Identical images give `+inf`; empty inputs give NaN.
-///
-/// # Panics
-/// If the slices differ in length or their length is not a multiple of 3 (a caller bug).
-pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len(), "psnr: images differ in size");
-    assert_eq!(a.len() % 3, 0, "psnr: not a 3-channel CHW image");
-    let plane = a.len() / 3;
-    let sum: f64 = a
-        .iter()
-        .zip(b)
-        .enumerate()
-        .map(|(i, (&x, &y))| {
-            let channel = i / plane;
-            let d = f64::from(denormalise(x, channel)) - f64::from(denormalise(y, channel));
-            d * d
-        })
-        .sum();
-    let mse = sum / a.len() as f64;
-    10.0 * (1.0 / mse).log10()
 }
 
 /// The images (`.png`, `.jpg`, `.jpeg`, `.webp`, any case) directly inside `dir`, sorted by path.
@@ -469,18 +444,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = save_png(&dir.path().join("x.png"), &[0.0; 10], 2, 2).unwrap_err();
         assert!(err.to_string().contains("expected 3x2x2 = 12 values, got 10"), "{err}");
-    }
-
-    #[test]
-    fn psnr_of_known_cases() {
-        let a = vec![0.5f32; 12];
-        assert_eq!(psnr(&a, &a), f64::INFINITY);
-        // Clamped to 0 and to 1: mse = 1 -> 0 dB; half of them differing: mse = 0.5 -> 3.0103 dB.
-        let black = vec![-100.0f32; 12];
-        let white = vec![100.0f32; 12];
-        assert_eq!(psnr(&black, &white), 0.0);
-        let half: Vec<f32> = (0..12).map(|i| if i % 2 == 0 { 100.0 } else { -100.0 }).collect();
-        assert!((psnr(&black, &half) - 10.0 * 2f64.log10()).abs() < 1e-12);
     }
 
     #[test]

@@ -5,5 +5,16 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$VTP_ROOT"
 vtp_test_python_packages
+# The CPU kernels libtorch runs here (float32 results depend on them; tests/parity.rs, README "Reference
+# dumps"): ATen's dispatch capability, and oneDNN's ISA as its verbose mode reports it on a convolution.
+python - <<'PY'
+import os, subprocess, sys, torch
+pins = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
+code = "import torch; torch.nn.functional.conv2d(torch.randn(1, 16, 64, 64), torch.randn(32, 16, 3, 3))"
+out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ONEDNN_VERBOSE="1"),
+                     capture_output=True, text=True).stdout
+isa = next((l.split("isa:", 1)[1] for l in out.splitlines() if ",isa:" in l), "unknown")
+print(f"CPU kernels: ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN {isa}; pinned by environment: {pins or 'no'}")
+PY
 cargo fmt --check
 cargo test --release --locked -- --test-threads=2 --nocapture

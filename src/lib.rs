@@ -7,6 +7,7 @@ pub mod data;
 pub mod eval;
 pub mod hub;
 pub mod io;
+pub mod kernels;
 pub mod model;
 pub mod tokenizer;
 pub mod torch_load;

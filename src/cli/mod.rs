@@ -9,6 +9,7 @@ mod model_cmds;
 mod recon;
 
 use crate::config::VtpConfig;
+use crate::kernels::Kernels;
 use crate::model::VtpModel;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
@@ -23,9 +24,14 @@ pub struct Cli {
     /// Device: `auto` (CUDA when libtorch has it and a GPU is present, else CPU), `cpu`, `cuda`, `cuda:N`.
     #[arg(long, global = true, default_value = "auto")]
     device: String,
-    /// CPU threads for libtorch (default: libtorch's choice).
-    #[arg(long, global = true)]
+    /// CPU threads for libtorch, at least 1 (default: libtorch's choice).
+    #[arg(long, global = true, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
+    /// CPU kernels: `native` (libtorch's pick for this CPU) or `avx2` (oneDNN and ATen capped at AVX2 by
+    /// re-executing with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2: bit-identical to an AVX2
+    /// machine, e.g. to compare exactly with a reference dump made on one; README "Reference dumps").
+    #[arg(long, global = true, default_value = "native")]
+    kernels: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -121,6 +127,8 @@ fn one_line(err: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // Before anything touches libtorch: pinning re-executes the process.
+    cli.kernels.parse::<Kernels>()?.apply()?;
     if let Some(n) = cli.threads {
         tch::set_num_threads(n);
     }
@@ -149,6 +157,17 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// A clap usage error on one line: its message and hint lines joined, without the `--help` pointer.
+fn usage_error_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:"))
+        .collect();
+    lines.join(" ").trim_start_matches("error: ").to_string()
+}
+
 /// Entry point of the binary: parses arguments, runs, prints `error: …` on one line; returns the
 /// exit code. Panics are reported on one line too, without a backtrace.
 pub fn main() -> i32 {
@@ -163,7 +182,17 @@ pub fn main() -> i32 {
         let first = msg.split(['\n']).next().unwrap_or_default().split("\\n").next().unwrap_or_default();
         eprintln!("error: internal error: {first}");
     }));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print(); // --help, --version
+            return 0;
+        }
+        Err(e) => {
+            eprintln!("error: {}", usage_error_line(&e));
+            return e.exit_code();
+        }
+    };
     match std::panic::catch_unwind(|| run(cli)) {
         Ok(Ok(())) => 0,
         Ok(Err(e)) => {

@@ -48,3 +48,17 @@ pub fn init_tiny_model(dir: &std::path::Path, vision_depth: u32) -> PathBuf {
     assert!(out.status.success(), "vtp init: {}", String::from_utf8_lossy(&out.stderr));
     model
 }
+
+/// The project venv's Python (created by scripts/env.sh), which has the pinned torch.
+pub fn venv_python() -> PathBuf {
+    let python = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"));
+    assert!(python.is_file(), "{} is missing: run scripts/test.sh", python.display());
+    python
+}
+
+/// `../shared/bench` (beside the fixtures): the plain PyTorch re-implementations.
+pub fn shared_bench() -> PathBuf {
+    let dir = fixtures().join("../bench");
+    assert!(dir.join("pytorch_vtp.py").is_file(), "{}/pytorch_vtp.py is missing", dir.display());
+    dir
+}

@@ -1,0 +1,109 @@
+//! Which CPU kernels libtorch runs: the machine's own (`native`) or pinned to AVX2 (`avx2`).
+//!
+//! float32 results depend on the kernels: on an AVX-512 CPU, oneDNN's matmul and ATen's vectorised
+//! kernels round differently from AVX2 (~1e-7 relative), and the official model's bf16 RoPE rotation
+//! (spec §1, §9) amplifies those ulps to ~1e-4 in decoded images. The fixtures and most reference dumps
+//! come from AVX2 machines; with both variables of [`AVX2_PIN`] set before libtorch starts, any x86-64
+//! CPU computes exactly what an AVX2 CPU computes (error 0 on every fixture). libtorch reads them once,
+//! at start, so pinning a running process means re-executing it with them set ([`Kernels::apply`]).
+use anyhow::{bail, Context, Result};
+use std::str::FromStr;
+
+/// The environment that pins libtorch to AVX2: oneDNN's ISA cap and ATen's dispatch capability
+/// (`ONEDNN_MAX_CPU_ISA` alone leaves 2.3e-7 differences on AVX-512; both are needed).
+pub const AVX2_PIN: [(&str, &str); 2] = [("ONEDNN_MAX_CPU_ISA", "AVX2"), ("ATEN_CPU_CAPABILITY", "avx2")];
+
+/// Kernel selection of a `vtp` process (`--kernels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Whatever libtorch picks on this CPU (and the environment says): the fastest.
+    Native,
+    /// oneDNN and ATen capped at AVX2: bit-identical to an AVX2 machine.
+    Avx2,
+}
+
+impl FromStr for Kernels {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "native" => Ok(Kernels::Native),
+            "avx2" => Ok(Kernels::Avx2),
+            other => bail!("unknown --kernels value '{other}' (expected native or avx2)"),
+        }
+    }
+}
+
+/// Whether both variables of [`AVX2_PIN`] already hold their pinned values in this process.
+pub fn is_pinned() -> bool {
+    AVX2_PIN.iter().all(|(key, value)| std::env::var(key).is_ok_and(|v| v.eq_ignore_ascii_case(value)))
+}
+
+/// Whether this CPU can run AVX2 kernels.
+pub fn cpu_has_avx2() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
+/// Refuses AVX2 pinning on a CPU without AVX2 (`has_avx2` = [`cpu_has_avx2`]).
+pub fn require_avx2(has_avx2: bool) -> Result<()> {
+    if !has_avx2 {
+        bail!(
+            "--kernels avx2 needs a CPU with AVX2, and this one has none: compare with --kernels native \
+             against a dump made on this machine"
+        );
+    }
+    Ok(())
+}
+
+impl Kernels {
+    /// Makes this process run on the selected kernels; call before anything touches libtorch.
+    /// `Native` changes nothing; `Avx2` re-executes the program with [`AVX2_PIN`] set (same arguments,
+    /// same pid, so signals and the exit status are the program's own) unless already pinned.
+    pub fn apply(self) -> Result<()> {
+        if self == Kernels::Native || is_pinned() {
+            return Ok(());
+        }
+        require_avx2(cpu_has_avx2())?;
+        reexec_pinned()
+    }
+}
+
+#[cfg(unix)]
+fn reexec_pinned() -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("cannot find the running executable to pin its kernels")?;
+    let err = std::process::Command::new(&exe).args(std::env::args_os().skip(1)).envs(AVX2_PIN).exec();
+    Err(err).with_context(|| format!("cannot re-execute '{}' with AVX2 kernels", exe.display()))
+}
+
+#[cfg(not(unix))]
+fn reexec_pinned() -> Result<()> {
+    bail!("--kernels avx2 re-executes the program and is only supported on Unix; set {AVX2_PIN:?} instead")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_two_kernel_sets_and_names_a_bad_one() {
+        assert_eq!("native".parse::<Kernels>().unwrap(), Kernels::Native);
+        assert_eq!("avx2".parse::<Kernels>().unwrap(), Kernels::Avx2);
+        let err = "avx512".parse::<Kernels>().unwrap_err().to_string();
+        assert!(err.contains("'avx512'") && err.contains("native or avx2"), "{err}");
+    }
+
+    #[test]
+    fn avx2_is_refused_on_a_cpu_without_it_in_one_line() {
+        let err = require_avx2(false).unwrap_err().to_string();
+        assert!(err.contains("needs a CPU with AVX2") && !err.contains('\n'), "{err}");
+        assert!(require_avx2(true).is_ok());
+    }
+}

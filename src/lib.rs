@@ -11,3 +11,4 @@ pub mod kernels;
 pub mod model;
 pub mod tokenizer;
 pub mod torch_load;
+pub mod train;

@@ -13,9 +13,7 @@ use crate::eval::linear_probe::{
 };
 use crate::eval::lpips::{self, Lpips};
 use crate::eval::recon::{self, ReconMetrics, ReconResult};
-use crate::eval::zero_shot::{
-    labelled_batches, squash_resize, ZeroShotClassifier, ZeroShotResult, DEFAULT_CLASS_BATCH,
-};
+use crate::eval::zero_shot::{self, labelled_batches, ZeroShotResult};
 use crate::model::VtpModel;
 use anyhow::{bail, Result};
 use clap::Args;
@@ -91,14 +89,11 @@ fn samples(spec: &str, limit: usize, what: &str) -> Result<(impl Iterator<Item =
 }
 
 fn zero_shot(model: &VtpModel, a: &EvalArgs) -> Result<ZeroShotResult> {
-    let set = classnames::resolve(&a.classes)?;
-    let classifier = ZeroShotClassifier::build(model, &set.class_names, &set.templates, DEFAULT_CLASS_BATCH)?;
-    let (stream, bar) = samples(&a.data, a.limit, "zero-shot")?;
-    let batches = labelled_batches(stream, &set.label_key, a.batch, |img| squash_resize(img, 256));
-    let mut result = classifier.evaluate(model, batches)?;
+    let bar = progress(a.limit, "zero-shot");
+    let result =
+        zero_shot::evaluate_source(model, &a.data, &a.classes, a.limit, a.batch, 256, |n| bar.set_position(n as u64));
     bar.finish_and_clear();
-    result.protocol = format!("{} on '{}' ({})", result.protocol, a.data, set.name);
-    Ok(result)
+    result
 }
 
 fn probe_features(
@@ -162,12 +157,11 @@ fn reconstruction(model: &VtpModel, a: &EvalArgs, device: Device, skipped: &mut 
             None
         }
     };
-    let (stream, bar) = samples(&a.data, a.limit, "reconstruct")?;
+    let bar = progress(a.limit, "reconstruct");
     let metrics = ReconMetrics { inception: inception.as_ref(), lpips: lpips.as_ref(), size: 256, batch: a.batch };
-    let mut result = recon::evaluate(model, stream, &metrics, |_| {})?;
+    let result = recon::evaluate_source(model, &a.data, a.limit, &metrics, |n| bar.set_position(n as u64));
     bar.finish_and_clear();
-    result.protocol = format!("{} on '{}'", result.protocol, a.data);
-    Ok(result)
+    result
 }
 
 fn print_table(r: &Report) {

@@ -7,6 +7,7 @@ mod fid;
 mod images;
 mod model_cmds;
 mod recon;
+mod train;
 
 use crate::config::VtpConfig;
 use crate::kernels::Kernels;
@@ -64,6 +65,9 @@ enum Command {
     Fid(fid::FidArgs),
     /// Convert PyTorch weight files (FID Inception, LPIPS-VGG) to safetensors.
     Convert(fid::ConvertArgs),
+    /// Pre-train a VTP tokenizer from scratch: CLIP + DINO/iBOT/KoLeo + L1/LPIPS reconstruction (spec §4);
+    /// `--preset tiny` runs on a laptop CPU in minutes on the built-in synthetic data.
+    Pretrain(train::PretrainArgs),
     /// Data sources: export to WebDataset shards, inspect, benchmark the augmentations.
     Data {
         #[command(subcommand)]
@@ -154,6 +158,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::FidStats(a) => fid::fid_stats(&a, device),
         Command::Fid(a) => fid::fid(&a, device),
         Command::Convert(a) => fid::convert(&a),
+        Command::Pretrain(a) => train::pretrain(&a, device),
     }
 }
 

@@ -68,6 +68,21 @@ pub struct ReconMetrics<'a> {
     pub batch: usize,
 }
 
+/// The reconstruction protocol on the first `limit` samples of the source `spec`, as `vtp eval` and
+/// the pre-training run's online evaluation both run it; `progress` gets the images done so far.
+pub fn evaluate_source(
+    model: &VtpModel,
+    spec: &str,
+    limit: usize,
+    m: &ReconMetrics,
+    progress: impl FnMut(usize),
+) -> Result<ReconResult> {
+    let stream = crate::data::source::open(spec, &crate::data::source::StreamOptions::default())?.take(limit);
+    let mut result = evaluate(model, stream, m, progress)?;
+    result.protocol = format!("{} on '{spec}'", result.protocol);
+    Ok(result)
+}
+
 /// Runs the reconstruction protocol over `samples`; `progress` is called with the images done so far.
 pub fn evaluate<I>(
     model: &VtpModel,

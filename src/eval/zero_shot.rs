@@ -16,12 +16,13 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::image::{prepare_rgb, Fit, ImageTensor};
+use crate::data::source::{self, StreamOptions};
 use crate::data::Sample;
 use crate::model::text::token_ids;
 use crate::model::VtpModel;
 use crate::tokenizer::ClipTokenizer;
 
-use super::classnames::{fill_template, CLASS_PLACEHOLDER};
+use super::classnames::{self, fill_template, CLASS_PLACEHOLDER};
 
 /// The fixed logit scale of the zero-shot tool (spec §5.1, §7.19), not `exp(logit_scale)`.
 pub const LOGIT_SCALE: f64 = 100.0;
@@ -155,6 +156,32 @@ impl ZeroShotClassifier {
             n_templates: self.n_templates,
         })
     }
+}
+
+/// The zero-shot protocol (spec §5.1) on a data source, as `vtp eval` and the pre-training run's online
+/// evaluation both run it: the first `limit` samples of `spec` (see [`crate::data::source`]), class set
+/// `classes` ([`classnames::resolve`]), images squash-resized to `size`, `batch` images per forward;
+/// `progress` gets the number of images read so far.
+pub fn evaluate_source(
+    model: &VtpModel,
+    spec: &str,
+    classes: &str,
+    limit: usize,
+    batch: usize,
+    size: u32,
+    mut progress: impl FnMut(usize),
+) -> Result<ZeroShotResult> {
+    let set = classnames::resolve(classes)?;
+    let classifier = ZeroShotClassifier::build(model, &set.class_names, &set.templates, DEFAULT_CLASS_BATCH)?;
+    let mut read = 0;
+    let stream = source::open(spec, &StreamOptions::default())?.take(limit).inspect(|_| {
+        read += 1;
+        progress(read);
+    });
+    let batches = labelled_batches(stream, &set.label_key, batch, |img| squash_resize(img, size));
+    let mut result = classifier.evaluate(model, batches)?;
+    result.protocol = format!("{} on '{spec}' ({})", result.protocol, set.name);
+    Ok(result)
 }
 
 /// The zero-shot logits `100 · I @ W` (spec §5.1, §7.19): `image_features [B, Wt]` (normalised),

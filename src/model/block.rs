@@ -61,9 +61,29 @@ impl Block {
 
     /// One block step on the residual stream `x [B, T, D]`.
     pub fn forward(&self, x: &Tensor, rope: &RopeTables) -> Tensor {
-        let x = x + scale(&self.ls1, self.attn.forward(&self.norm1.forward(x), rope));
-        &x + scale(&self.ls2, self.mlp.forward(&self.norm2.forward(&x)))
+        self.forward_train(x, rope, 0.0)
     }
+
+    /// One training step with stochastic depth: each residual branch goes through [`drop_path`]
+    /// with rate `drop_path_rate` (0 is [`Self::forward`]).
+    pub fn forward_train(&self, x: &Tensor, rope: &RopeTables, drop_path_rate: f64) -> Tensor {
+        let x = x + drop_path(scale(&self.ls1, self.attn.forward(&self.norm1.forward(x), rope)), drop_path_rate);
+        &x + drop_path(scale(&self.ls2, self.mlp.forward(&self.norm2.forward(&x))), drop_path_rate)
+    }
+}
+
+/// Stochastic depth (timm `drop_path`, DINOv2's `DropPath`): each sample's residual branch is zeroed
+/// with probability `rate` and the kept ones scaled by `1 / (1 - rate)`; identity at rate 0. Draws from
+/// libtorch's generator (the trainer seeds it per step).
+pub fn drop_path(x: Tensor, rate: f64) -> Tensor {
+    if rate <= 0.0 {
+        return x;
+    }
+    let keep = 1.0 - rate;
+    let mut shape = vec![1i64; x.dim()];
+    shape[0] = x.size()[0];
+    let mask = Tensor::empty(shape.as_slice(), (x.kind(), x.device())).bernoulli_float_(keep) / keep;
+    x * mask
 }
 
 /// The `depth` blocks of a stack under `p / "blocks"`.

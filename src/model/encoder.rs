@@ -53,11 +53,16 @@ impl VisionEncoder {
         }
     }
 
-    /// Patch embedding + CLS: `[B, 3, H, W]` -> tokens `[B, 1 + N, D]`, the grid and its RoPE tables.
-    fn prepare_tokens(&self, image: &Tensor) -> (Tensor, (i64, i64), RopeTables) {
+    /// Patch embedding + CLS (`prepare_tokens_with_masks`): `[B, 3, H, W]` -> tokens `[B, 1 + N, D]`,
+    /// the grid and its RoPE tables; patches where `masks` (`[B, N]` bool) is set become `mask_token`.
+    fn prepare_tokens(&self, image: &Tensor, masks: Option<&Tensor>) -> (Tensor, (i64, i64), RopeTables) {
         let x = self.patch_embed.forward(image);
         let (b, d, h, w) = x.size4().expect("patch embedding is [B, D, h, w]");
-        let patches = x.flatten(2, 3).transpose(1, 2);
+        let mut patches = x.flatten(2, 3).transpose(1, 2);
+        if let Some(m) = masks {
+            let token = self.mask_token.to_kind(patches.kind()).unsqueeze(0);
+            patches = token.where_self(&m.unsqueeze(-1), &patches);
+        }
         let cls = self.cls_token.expand([b, 1, d], false);
         (Tensor::cat(&[cls, patches], 1), (h, w), self.rope.tables(h, w))
     }
@@ -65,10 +70,21 @@ impl VisionEncoder {
     /// Runs every block; returns the residual stream after each block listed in `take` (in block
     /// order) and after the last block.
     fn run_blocks(&self, image: &Tensor, take: &[i64]) -> (Tensor, Vec<Tensor>, (i64, i64)) {
-        let (mut x, grid, rope) = self.prepare_tokens(image);
+        self.run_blocks_train(image, take, None, 0.0)
+    }
+
+    /// [`Self::run_blocks`] with iBOT masks and a stochastic-depth rate (training).
+    fn run_blocks_train(
+        &self,
+        image: &Tensor,
+        take: &[i64],
+        masks: Option<&Tensor>,
+        drop_path_rate: f64,
+    ) -> (Tensor, Vec<Tensor>, (i64, i64)) {
+        let (mut x, grid, rope) = self.prepare_tokens(image, masks);
         let mut taken = Vec::with_capacity(take.len());
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, &rope);
+            x = block.forward_train(&x, &rope, drop_path_rate);
             if take.contains(&(i as i64)) {
                 taken.push(x.shallow_clone());
             }
@@ -85,7 +101,20 @@ impl VisionEncoder {
     /// `forward_features`: final-norm CLS and patch tokens, bottlenecked when `use_bottleneck` and the
     /// bottleneck layer exists.
     pub fn forward_features(&self, image: &Tensor, use_bottleneck: bool) -> Features {
-        let (x, _, grid) = self.run_blocks(image, &[]);
+        self.forward_train(image, None, 0.0, use_bottleneck)
+    }
+
+    /// The training forward of one objective (spec §4.1 legacy meta-arch: the trunk runs once per
+    /// objective): optional iBOT `masks` (`[B, N]` bool, masked patches become `mask_token`), stochastic
+    /// depth at `drop_path_rate`, final norm, bottleneck when `use_bottleneck`.
+    pub fn forward_train(
+        &self,
+        image: &Tensor,
+        masks: Option<&Tensor>,
+        drop_path_rate: f64,
+        use_bottleneck: bool,
+    ) -> Features {
+        let (x, _, grid) = self.run_blocks_train(image, &[], masks, drop_path_rate);
         let f = Self::split(self.norm.forward(&x), grid);
         if use_bottleneck {
             Features { cls: self.bottleneck(&f.cls), patches: self.bottleneck(&f.patches), grid }

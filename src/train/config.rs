@@ -1,0 +1,562 @@
+//! The pre-training run's configuration (spec §4): one TOML file with a section per concern, the
+//! presets (`tiny` for a 2-core CPU; `small`/`base`/`large` = the released architectures with the
+//! paper's recipe), dotted `key=value` overrides, and `--print-config` with a comment on every key.
+//!
+//! Where the paper is silent the DINOv2 / OpenCLIP defaults it names are used, and the key's comment
+//! says so (spec §4.5: VTP's own optimiser values are not published).
+use super::objectives::dino::TeacherCentering;
+use super::optim::AdamWConfig;
+use super::schedule::ScheduleConfig;
+use crate::config::VtpConfig;
+use anyhow::{bail, Context, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::path::Path;
+
+/// Which objectives a run trains: the paper's ablations (spec §4.8, Figures 5–6).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Objectives {
+    /// Reconstruction only (the AE baseline).
+    #[serde(rename = "ae")]
+    Ae,
+    /// CLIP + reconstruction.
+    #[serde(rename = "clip+ae")]
+    ClipAe,
+    /// DINO/iBOT (+ KoLeo) + reconstruction.
+    #[serde(rename = "ssl+ae")]
+    SslAe,
+    /// CLIP + SSL + reconstruction: full VTP.
+    #[serde(rename = "all")]
+    All,
+}
+
+impl Objectives {
+    /// Whether the CLIP loss is on.
+    pub fn clip(self) -> bool {
+        matches!(self, Objectives::ClipAe | Objectives::All)
+    }
+
+    /// Whether the SSL losses are on.
+    pub fn ssl(self) -> bool {
+        matches!(self, Objectives::SslAe | Objectives::All)
+    }
+}
+
+/// `[data]`: where samples come from and the crop sizes of each branch (spec §4.2).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub source: String,
+    pub eval_source: String,
+    pub workers: usize,
+    pub shuffle_buffer: usize,
+    pub clip_size: i64,
+    pub global_size: i64,
+    pub local_size: i64,
+    pub n_local_crops: usize,
+    pub recon_size: i64,
+}
+
+/// `[batch]`: images per step of each branch (spec §4.2: all `clip` pairs go to CLIP; `ssl` and
+/// `recon` are independent random subsets of them).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    pub clip: usize,
+    pub ssl: usize,
+    pub recon: usize,
+}
+
+/// `[loss]`: weights and settings of the objectives (spec §4.1, §4.4, §4.6).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LossConfig {
+    pub lambda_rec: f64,
+    pub lambda_ssl: f64,
+    pub lambda_clip: f64,
+    pub dino_weight: f64,
+    pub ibot_weight: f64,
+    pub koleo_weight: f64,
+    pub lpips: bool,
+    pub centering: TeacherCentering,
+    pub student_temp: f64,
+    pub center_momentum: f64,
+    pub clip_drop_path: f64,
+    pub ssl_drop_path: f64,
+    pub rec_drop_path: f64,
+}
+
+/// `[dino_head]`: the DINO head shared by DINO and iBOT (spec §4.4).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DinoHeadConfig {
+    pub out_dim: i64,
+    pub hidden_dim: i64,
+    pub bottleneck_dim: i64,
+}
+
+/// `[optim]`: AdamW, its parameter groups and gradient clipping (spec §4.5).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub clip_grad: f64,
+    pub layer_decay: f64,
+    pub patch_embed_lr_mult: f64,
+}
+
+/// `[train]`: length, seed and failure handling of the run.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub steps: u64,
+    pub seed: u64,
+    pub deterministic: bool,
+    pub max_bad_steps: u64,
+}
+
+/// `[eval]`: the online evaluation and reconstruction grid.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    pub every: u64,
+    pub samples: usize,
+    pub classes: String,
+    pub grid_every: u64,
+    pub grid_images: usize,
+}
+
+/// `[debug]`: fault injection for testing the failure handling.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DebugConfig {
+    pub nan_at_steps: Vec<u64>,
+}
+
+/// `[log]`: metrics and plots.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub every: u64,
+}
+
+/// `[checkpoint]`: how often and how many.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    pub every: u64,
+    pub keep: usize,
+}
+
+/// The whole run (`vtp pretrain`), one section per concern.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainConfig {
+    pub preset: String,
+    pub objectives: Objectives,
+    pub train: TrainConfig,
+    pub data: DataConfig,
+    pub batch: BatchConfig,
+    pub loss: LossConfig,
+    pub dino_head: DinoHeadConfig,
+    pub optim: OptimConfig,
+    pub schedule: ScheduleConfig,
+    pub eval: EvalConfig,
+    pub log: LogConfig,
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub debug: DebugConfig,
+    pub model: VtpConfig,
+}
+
+/// Names accepted by [`PretrainConfig::preset`].
+pub const PRETRAIN_PRESETS: [&str; 4] = ["tiny", "small", "base", "large"];
+
+/// Keys of `VTPConfig` that are metadata, not architecture (kept in `model.extra`).
+const MODEL_METADATA_KEYS: [&str; 5] = ["architectures", "model_type", "torch_dtype", "dtype", "transformers_version"];
+
+impl PretrainConfig {
+    /// The default config of a preset.
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "tiny" => Ok(Self::tiny()),
+            "small" | "base" | "large" => Self::released(name),
+            _ => bail!("unknown preset '{name}' (expected one of {})", PRETRAIN_PRESETS.join(", ")),
+        }
+    }
+
+    /// `tiny`: a VTP small enough to learn the built-in synthetic scenes on a 2-core CPU in minutes.
+    fn tiny() -> Self {
+        let model = VtpConfig {
+            image_size: 64,
+            vision_embed_dim: 96,
+            vision_depth: 4,
+            vision_num_heads: 3,
+            decoder_embed_dim: 96,
+            decoder_depth: 2,
+            decoder_num_heads: 3,
+            text_embed_dim: 64,
+            text_depth: 2,
+            text_num_heads: 2,
+            text_context_length: 32,
+            ..VtpConfig::preset("small").expect("built-in preset")
+        };
+        let steps = 600;
+        Self {
+            preset: "tiny".into(),
+            objectives: Objectives::All,
+            train: TrainConfig { steps, seed: 0, deterministic: true, max_bad_steps: 5 },
+            data: DataConfig {
+                source: "synthetic:train?res=64".into(),
+                eval_source: "synthetic:heldout?n=256&res=64".into(),
+                workers: 2,
+                shuffle_buffer: 0,
+                clip_size: 64,
+                global_size: 64,
+                local_size: 32,
+                n_local_crops: 4,
+                recon_size: 64,
+            },
+            batch: BatchConfig { clip: 64, ssl: 16, recon: 16 },
+            loss: LossConfig { ssl_drop_path: 0.0, ..LossConfig::paper() },
+            dino_head: DinoHeadConfig { out_dim: 1024, hidden_dim: 256, bottleneck_dim: 64 },
+            optim: OptimConfig { layer_decay: 1.0, ..OptimConfig::dinov2() },
+            schedule: ScheduleConfig {
+                lr: 1e-3,
+                min_lr: 1e-5,
+                warmup_steps: 50,
+                weight_decay: 0.04,
+                weight_decay_end: 0.1,
+                momentum_teacher: 0.99,
+                momentum_teacher_end: 1.0,
+                teacher_temp: 0.07,
+                warmup_teacher_temp: 0.04,
+                warmup_teacher_temp_steps: 150,
+                freeze_last_layer_steps: 50,
+            },
+            eval: EvalConfig {
+                every: 200,
+                samples: 256,
+                classes: "synthetic-shape".into(),
+                grid_every: 200,
+                grid_images: 8,
+            },
+            log: LogConfig { every: 10 },
+            checkpoint: CheckpointConfig { every: 200, keep: 2 },
+            debug: DebugConfig::default(),
+            model,
+        }
+    }
+
+    /// `small` / `base` / `large`: the released architecture (spec §2.2) with the paper's batch
+    /// split and loss weights and the DINOv2 / OpenCLIP defaults where VTP's are unpublished (spec §4.5).
+    fn released(name: &str) -> Result<Self> {
+        // DINOv2: one "epoch" = 1250 iterations; warm-up 10 epochs, teacher temperature 30, last layer 1.
+        let epoch = 1250;
+        Ok(Self {
+            preset: name.into(),
+            objectives: Objectives::All,
+            // 1.1B samples at a 16k CLIP batch (spec §4.5, §4.8).
+            train: TrainConfig { steps: 67_000, seed: 0, deterministic: false, max_bad_steps: 20 },
+            data: DataConfig {
+                source: "synthetic:train".into(),
+                eval_source: "synthetic:heldout?n=1000".into(),
+                workers: 8,
+                shuffle_buffer: 1000,
+                clip_size: 256,
+                global_size: 224,
+                local_size: 96,
+                n_local_crops: 8,
+                recon_size: 256,
+            },
+            batch: BatchConfig { clip: 16_384, ssl: 4_096, recon: 2_048 },
+            loss: LossConfig::paper(),
+            dino_head: DinoHeadConfig { out_dim: 65_536, hidden_dim: 2048, bottleneck_dim: 256 },
+            optim: OptimConfig::dinov2(),
+            schedule: ScheduleConfig {
+                // DINOv2's rule lr = 0.004 * sqrt(B / 1024), on the SSL batch of 4096.
+                lr: 0.008,
+                min_lr: 1e-6,
+                warmup_steps: 10 * epoch,
+                weight_decay: 0.04,
+                weight_decay_end: 0.4,
+                momentum_teacher: 0.992,
+                momentum_teacher_end: 1.0,
+                teacher_temp: 0.07,
+                warmup_teacher_temp: 0.04,
+                warmup_teacher_temp_steps: 30 * epoch,
+                freeze_last_layer_steps: epoch,
+            },
+            eval: EvalConfig {
+                every: 2000,
+                samples: 1000,
+                classes: "synthetic-shape".into(),
+                grid_every: 2000,
+                grid_images: 8,
+            },
+            log: LogConfig { every: 20 },
+            checkpoint: CheckpointConfig { every: 1000, keep: 3 },
+            debug: DebugConfig::default(),
+            model: VtpConfig::preset(name)?,
+        })
+    }
+
+    /// A preset, then a TOML file over it, then `key=value` overrides; validated.
+    pub fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let mut value = toml::Value::try_from(Self::preset(preset)?).context("cannot serialise the preset")?;
+        if let Some(path) = file {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read config '{}'", path.display()))?;
+            let user: toml::Table = toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("config '{}': {}", path.display(), one_line(&e.to_string())))?;
+            if let Some(p) = user.get("preset").and_then(toml::Value::as_str).filter(|p| *p != preset) {
+                value = toml::Value::try_from(Self::preset(p)?)?;
+            }
+            merge(&mut value, toml::Value::Table(user));
+        }
+        for kv in overrides {
+            apply_override(&mut value, kv)?;
+        }
+        let config: Self = from_value(value).with_context(|| match file {
+            Some(p) => format!("config '{}'", p.display()),
+            None => "config".to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the combinations a run cannot train, with a one-line reason.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(key) = self.model.extra.keys().find(|k| !MODEL_METADATA_KEYS.contains(&k.as_str())) {
+            bail!("unknown config key 'model.{key}'");
+        }
+        self.model.validate().context("config [model]")?;
+        let b = &self.batch;
+        if b.clip == 0 {
+            bail!("batch.clip must be at least 1");
+        }
+        for (name, n) in [("batch.ssl", b.ssl), ("batch.recon", b.recon)] {
+            if n > b.clip {
+                bail!("{name} = {n} is larger than the batch (batch.clip = {})", b.clip);
+            }
+        }
+        if self.objectives.ssl() && b.ssl < 2 {
+            bail!("batch.ssl must be at least 2 with SSL objectives (KoLeo needs a neighbour)");
+        }
+        if b.recon == 0 {
+            bail!("batch.recon must be at least 1 (reconstruction is always trained)");
+        }
+        if self.objectives.clip() && !self.model.train_clip {
+            bail!("objectives = {:?} needs model.train_clip = true", self.objectives);
+        }
+        if !self.model.train_reconstruction {
+            bail!("model.train_reconstruction must be true (reconstruction is always trained)");
+        }
+        let p = self.model.vision_patch_size;
+        for (name, s) in [
+            ("data.clip_size", self.data.clip_size),
+            ("data.global_size", self.data.global_size),
+            ("data.local_size", self.data.local_size),
+            ("data.recon_size", self.data.recon_size),
+        ] {
+            if s < p || s % p != 0 {
+                bail!("{name} = {s} must be a positive multiple of the patch size {p}");
+            }
+        }
+        for (name, every) in [("train.steps", self.train.steps), ("log.every", self.log.every)] {
+            if every == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if self.data.workers == 0 {
+            bail!("data.workers must be at least 1");
+        }
+        super::schedule::Schedules::new(&self.schedule, self.train.steps).context("config [schedule]")?;
+        Ok(())
+    }
+
+    /// The config as commented TOML: every key preceded by what it means (`--print-config`).
+    pub fn to_commented_toml(&self) -> Result<String> {
+        let value = toml::Value::try_from(self)?;
+        let table = value.as_table().context("the config is a table")?;
+        let mut out = String::from("# vtp pretrain configuration (spec §4). Defaults marked [DINOv2] / [OpenCLIP] are\n# those libraries' values: the paper does not publish VTP's.\n");
+        let (scalars, sections): (Vec<_>, Vec<_>) = table.iter().partition(|(_, v)| !v.is_table());
+        for (key, v) in scalars {
+            write_key(&mut out, key, key, v);
+        }
+        for (section, v) in sections {
+            out.push_str(&format!("\n[{section}]\n"));
+            for (key, v) in v.as_table().into_iter().flatten() {
+                write_key(&mut out, &format!("{section}.{key}"), key, v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn write_key(out: &mut String, path: &str, key: &str, v: &toml::Value) {
+    out.push_str(&format!("# {}\n{key} = {v}\n", key_doc(path)));
+}
+
+impl LossConfig {
+    /// The paper's weights (λ_rec 0.1, λ_ssl = λ_clip = 1) and DINOv2's SSL settings (spec §4.1, §4.4).
+    fn paper() -> Self {
+        Self {
+            lambda_rec: 0.1,
+            lambda_ssl: 1.0,
+            lambda_clip: 1.0,
+            dino_weight: 1.0,
+            ibot_weight: 1.0,
+            koleo_weight: 0.1,
+            lpips: true,
+            centering: TeacherCentering::Centering,
+            student_temp: 0.1,
+            center_momentum: 0.9,
+            clip_drop_path: 0.0,
+            ssl_drop_path: 0.1,
+            rec_drop_path: 0.0,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// The AdamW hyper-parameters.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps }
+    }
+
+    /// DINOv2's AdamW settings (spec §4.5).
+    fn dinov2() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, clip_grad: 3.0, layer_decay: 0.9, patch_embed_lr_mult: 0.2 }
+    }
+}
+
+/// Deserialises a config value; errors name the full key path (e.g. `unknown config key 'train.stepz'`).
+pub fn from_value<T: DeserializeOwned>(value: toml::Value) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = one_line(&e.into_inner().to_string());
+        match inner.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
+            Some(field) if path == "." || path.is_empty() => anyhow::anyhow!("unknown config key '{field}'"),
+            Some(field) => anyhow::anyhow!("unknown config key '{path}.{field}'"),
+            None => anyhow::anyhow!("config key '{path}': {inner}"),
+        }
+    })
+}
+
+/// Deep-merges `over` into `base` (tables merge key by key; anything else replaces).
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// Applies one `dotted.key=value` override; the value is read as TOML (`3`, `1e-4`, `true`,
+/// `"text"`, `[1, 2]`), else taken as a bare string.
+pub fn apply_override(value: &mut toml::Value, kv: &str) -> Result<()> {
+    let (key, raw) = kv.split_once('=').with_context(|| format!("override '{kv}' is not of the form key=value"))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        bail!("override '{kv}': malformed key '{key}'");
+    }
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
+    let mut slot = value;
+    for part in key.split('.') {
+        let table = slot.as_table_mut().with_context(|| format!("override '{kv}': '{key}' is not a config key"))?;
+        slot = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+    *slot = parsed;
+    Ok(())
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// What each key means (`--print-config`); every key of the config has an entry (tested).
+pub fn key_doc(path: &str) -> &'static str {
+    KEY_DOCS.iter().find(|(k, _)| *k == path).map(|(_, d)| *d).unwrap_or_else(|| {
+        if path.starts_with("model.") {
+            "VTPConfig field of the tokenizer being trained (spec §2.1)"
+        } else {
+            "(undocumented)"
+        }
+    })
+}
+
+const KEY_DOCS: &[(&str, &str)] = &[
+    ("preset", "the preset these defaults come from: tiny (2-core CPU), small, base, large (released architectures)"),
+    ("objectives", "objectives trained: \"ae\", \"clip+ae\", \"ssl+ae\" or \"all\" (the paper's ablations, spec §4.8)"),
+    ("train.steps", "optimisation steps of the run"),
+    ("train.seed", "seed of every random draw (data order, augmentations, masks, subsets, drop-path, init)"),
+    ("train.deterministic", "deterministic mode: resume reproduces an uninterrupted run bit for bit"),
+    ("train.max_bad_steps", "stop after this many consecutive steps with a non-finite loss or gradient"),
+    ("data.source", "training data SPEC: synthetic[:split][?n=&res=&seed=], shards {a..b}.tar, or a folder (README: Data)"),
+    ("data.eval_source", "held-out data SPEC of the online evaluation (zero-shot top-1, PSNR)"),
+    ("data.workers", "data reader threads"),
+    ("data.shuffle_buffer", "shuffle-buffer slots per reader (0 = stored order)"),
+    ("data.clip_size", "CLIP crop side: RandomResizedCrop(scale 0.9-1.0) [OpenCLIP]"),
+    ("data.global_size", "SSL global crop side (2 per image) [DINOv2: 224]"),
+    ("data.local_size", "SSL local crop side [DINOv2: 96]"),
+    ("data.n_local_crops", "SSL local crops per image [DINOv2: 8]"),
+    ("data.recon_size", "reconstruction crop side (random square crop)"),
+    ("batch.clip", "image-caption pairs per step; all go to CLIP (paper: 16k; final models 32k)"),
+    ("batch.ssl", "random subset of the batch for DINO/iBOT (paper: 4k)"),
+    ("batch.recon", "random subset of the batch for reconstruction (paper: 2k)"),
+    ("loss.lambda_rec", "weight of L_rec = L1 + LPIPS (paper: 0.1)"),
+    ("loss.lambda_ssl", "weight of L_ssl = DINO + iBOT + KoLeo (paper: 1)"),
+    ("loss.lambda_clip", "weight of the CLIP loss (paper: 1)"),
+    ("loss.dino_weight", "DINO CLS-token loss weight inside L_ssl [DINOv2: 1]"),
+    ("loss.ibot_weight", "iBOT masked-patch loss weight inside L_ssl [DINOv2: 1]"),
+    ("loss.koleo_weight", "KoLeo weight inside L_ssl, 0 = off [DINOv2: 0.1; the paper names no KoLeo, spec §4.4 conflict 7]"),
+    ("loss.lpips", "use LPIPS-VGG in L_rec (needs its weight files; without them L1 alone, said once and recorded)"),
+    ("loss.centering", "teacher targets: \"centering\" [DINOv2] or \"sinkhorn_knopp\" [DINOv3]"),
+    ("loss.student_temp", "student softmax temperature [DINOv2: 0.1]"),
+    ("loss.center_momentum", "EMA momentum of the DINO and iBOT centres [DINOv2: 0.9]"),
+    ("loss.clip_drop_path", "stochastic-depth rate of the student trunk in the CLIP forward"),
+    ("loss.ssl_drop_path", "stochastic-depth rate of the student trunk in the SSL forward (teacher: 0)"),
+    ("loss.rec_drop_path", "stochastic-depth rate of the trunk in the reconstruction forward"),
+    ("dino_head.out_dim", "prototypes K of the DINO head [DINOv2: 65536]"),
+    ("dino_head.hidden_dim", "hidden width of the 3-layer MLP [DINOv2: 2048]"),
+    ("dino_head.bottleneck_dim", "width before L2-normalisation and the weight-normalised last layer [DINOv2: 256]"),
+    ("optim.beta1", "AdamW beta1 [DINOv2: 0.9]"),
+    ("optim.beta2", "AdamW beta2 [DINOv2: 0.999; OpenCLIP: 0.98]"),
+    ("optim.eps", "AdamW epsilon [DINOv2: 1e-8; OpenCLIP: 1e-6]"),
+    ("optim.clip_grad", "gradient-norm clipping threshold, 0 = off [DINOv2: 3.0]"),
+    ("optim.layer_decay", "layer-wise lr decay of the vision trunk, 1 = off [DINOv2: 0.9]"),
+    ("optim.patch_embed_lr_mult", "lr multiplier of the patch embedding [DINOv2: 0.2]"),
+    ("schedule.lr", "peak learning rate after warm-up [DINOv2: 0.004 * sqrt(batch / 1024)]"),
+    ("schedule.min_lr", "final learning rate of the cosine decay [DINOv2: 1e-6]"),
+    ("schedule.warmup_steps", "linear lr warm-up from 0 [DINOv2: 10 epochs of 1250 steps]"),
+    ("schedule.weight_decay", "weight decay at the start (cosine schedule) [DINOv2: 0.04]"),
+    ("schedule.weight_decay_end", "weight decay at the end [DINOv2: 0.4]"),
+    ("schedule.momentum_teacher", "EMA momentum of the teacher at the start (cosine to the end value) [DINOv2: 0.992]"),
+    ("schedule.momentum_teacher_end", "EMA momentum of the teacher at the end [DINOv2: 1.0]"),
+    ("schedule.teacher_temp", "teacher temperature after warm-up [DINOv2: 0.07]"),
+    ("schedule.warmup_teacher_temp", "teacher temperature at the start of its warm-up [DINOv2: 0.04]"),
+    ("schedule.warmup_teacher_temp_steps", "steps of the linear teacher-temperature warm-up [DINOv2: 30 epochs]"),
+    ("schedule.freeze_last_layer_steps", "steps with the DINO head's last layer frozen (lr 0) [DINOv2: 1 epoch]"),
+    ("eval.every", "online evaluation (zero-shot top-1, PSNR on data.eval_source) every N steps, 0 = off"),
+    ("eval.samples", "held-out images of the online evaluation"),
+    ("eval.classes", "zero-shot class set of the online evaluation (synthetic-shape, synthetic-color, imagenet, cifar10; \"\" = off)"),
+    ("eval.grid_every", "reconstruction grid PNG (inputs above reconstructions) every N steps, 0 = off"),
+    ("eval.grid_images", "images in the reconstruction grid"),
+    ("log.every", "metrics (metrics.jsonl, TensorBoard) and plots every N steps"),
+    ("checkpoint.every", "checkpoint every N steps (and on SIGINT/SIGTERM and at the end)"),
+    ("checkpoint.keep", "checkpoints kept (the newest K)"),
+    ("debug.nan_at_steps", "fault injection for tests: make the loss NaN at these 0-based steps"),
+];

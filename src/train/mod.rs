@@ -1,0 +1,16 @@
+//! Training (spec §4): the objectives, the optimiser and schedules, and the run machinery
+//! (config, checkpoints, metrics, plots) shared by every trainer (`vtp pretrain`,
+//! `vtp finetune-decoder`, and later `vtp dit train`).
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod dino_head;
+pub mod feed;
+pub mod metrics;
+pub mod objectives;
+pub mod optim;
+pub mod plots;
+pub mod pretrain;
+pub mod run;
+pub mod schedule;
+pub mod teacher;

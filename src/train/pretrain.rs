@@ -1,0 +1,461 @@
+//! Stage 1, `vtp pretrain` (spec §4.1–§4.5): the student (the VTP tokenizer + the DINO head), its EMA
+//! teacher, and one optimisation step of
+//! `L = λ_rec·(L1 + LPIPS) + λ_ssl·(L_dino + L_ibot + w_koleo·L_koleo) + λ_clip·L_clip`.
+//!
+//! The trunk runs once per objective with that objective's drop-path rate (the legacy meta-arch): CLIP
+//! and SSL on full-width tokens (`use_bottleneck = !vision_bottleneck_ae_only`), reconstruction through
+//! the 64-d bottleneck into the pixel decoder.
+use super::batch::{BatchBuilder, PretrainBatch, SslBatch};
+use super::config::PretrainConfig;
+use super::dino_head::DinoHead;
+use super::feed::{DataFeed, FeedPosition};
+use super::objectives::clip::{clamp_logit_scale, clip_loss, siglip_loss};
+use super::objectives::dino::DinoLoss;
+use super::objectives::ibot::IbotPatchLoss;
+use super::objectives::koleo::koleo_per_crop;
+use super::objectives::recon::ReconLoss;
+use super::optim::{clip_grad_norm, dinov2_multipliers, AdamW, ParamSpec};
+use super::run::{RunOptions, StepReport, Trainer};
+use super::schedule::{ScheduleValues, Schedules};
+use super::teacher::Teacher;
+use crate::config::ClipFeat;
+use crate::data::image::{prepare_rgb, to_rgb_image, Fit};
+use crate::data::source::{self, StreamOptions};
+use crate::eval::recon::{self, ReconMetrics};
+use crate::eval::zero_shot;
+use crate::model::encoder::{tokens_to_map, Features};
+use crate::model::{l2_normalize, VtpModel};
+use anyhow::{Context, Result};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{nn, nn::Module, Device, Kind, Tensor};
+
+/// Global crops per image (DINOv2).
+pub const N_GLOBAL_CROPS: i64 = 2;
+
+/// The loss of one step and its named terms (scalars).
+pub struct Losses {
+    pub total: Tensor,
+    pub terms: Vec<(&'static str, Tensor)>,
+}
+
+/// Everything stage 1 trains and its loss state.
+pub struct Pretrainer {
+    pub config: PretrainConfig,
+    pub model: VtpModel,
+    /// The student's DINO head (its own store: it is not part of the released tokenizer).
+    pub head_vs: nn::VarStore,
+    pub head: DinoHead,
+    pub teacher: Teacher,
+    pub dino: DinoLoss,
+    pub ibot: IbotPatchLoss,
+    pub recon: ReconLoss,
+    pub optim: AdamW,
+}
+
+impl Pretrainer {
+    /// A freshly initialised student (seeded by `train.seed`), its teacher copy and the optimiser.
+    /// `recon` is the reconstruction loss (LPIPS or L1 only).
+    pub fn new(config: PretrainConfig, recon: ReconLoss, device: Device) -> Result<Self> {
+        tch::manual_seed(config.train.seed as i64);
+        let model = VtpModel::new(config.model.clone(), device)?;
+        let head_vs = nn::VarStore::new(device);
+        let in_dim = config.model.clip_input_dim();
+        let head = DinoHead::new(&head_vs.root() / "dino_head", in_dim, &config.dino_head);
+        let teacher = Teacher::new(&config.model, &config.dino_head, device);
+        let loss = &config.loss;
+        let k = config.dino_head.out_dim;
+        let dino = DinoLoss::new(k, loss.student_temp, loss.center_momentum, device);
+        let ibot = IbotPatchLoss::new(k, loss.student_temp, loss.center_momentum, device);
+        let mut trainer = Self {
+            optim: AdamW::new(Vec::new(), config.optim.adamw()),
+            config,
+            model,
+            head_vs,
+            head,
+            teacher,
+            dino,
+            ibot,
+            recon,
+        };
+        trainer.optim = AdamW::new(trainer.param_specs(), trainer.config.optim.adamw());
+        trainer.teacher.copy_from(&trainer.student_parameters())?;
+        Ok(trainer)
+    }
+
+    /// The student's parameters by name: the tokenizer's official names plus `dino_head.*`.
+    pub fn student_parameters(&self) -> HashMap<String, Tensor> {
+        let mut all = self.model.vs.variables();
+        all.extend(self.head_vs.variables());
+        all
+    }
+
+    /// The optimised parameters with their DINOv2 group multipliers, sorted by name.
+    fn param_specs(&self) -> Vec<ParamSpec> {
+        let o = &self.config.optim;
+        let mut named: Vec<(String, Tensor)> = self.student_parameters().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+            .into_iter()
+            .map(|(name, tensor)| {
+                let (lr_mult, wd_mult, is_last_layer) = dinov2_multipliers(
+                    &name,
+                    tensor.dim(),
+                    self.config.model.vision_depth,
+                    o.layer_decay,
+                    o.patch_embed_lr_mult,
+                );
+                ParamSpec { name, tensor, lr_mult, wd_mult, is_last_layer }
+            })
+            .collect()
+    }
+
+    /// The CLIP image embedding of the trunk features (`vision_clip_feat`, `visual_proj`), normalised.
+    fn clip_image_feature(&self, f: &Features) -> Result<Tensor> {
+        let feat = match self.model.config.vision_clip_feat {
+            ClipFeat::Cls => f.cls.shallow_clone(),
+            ClipFeat::Pooled => f.patches.mean_dim(1, false, None::<Kind>),
+        };
+        let proj = self.model.visual_proj.as_ref().context("CLIP needs model.train_clip = true")?;
+        Ok(l2_normalize(&proj.forward(&feat)))
+    }
+
+    /// `L_clip`: InfoNCE (or SigLIP when the model has a logit bias) over the whole batch (spec §4.6).
+    fn clip_loss(&self, images: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+        let wide = !self.model.config.vision_bottleneck_ae_only;
+        let f = self.model.trunk.forward_train(images, None, self.config.loss.clip_drop_path, wide);
+        let image_features = self.clip_image_feature(&f)?;
+        let text_features = self.model.get_clip_text_feature(tokens, true)?;
+        let log_scale = self.model.logit_scale.as_ref().context("the model has no logit_scale")?;
+        Ok(match &self.model.logit_bias {
+            Some(bias) => siglip_loss(&image_features, &text_features, &log_scale.exp(), bias),
+            None => clip_loss(&image_features, &text_features, &log_scale.exp()),
+        })
+    }
+
+    /// The SSL terms (spec §4.4): DINO on CLS tokens (teacher crops swapped), iBOT on the masked
+    /// patches, KoLeo on the student's global-crop CLS tokens (pre-head).
+    fn ssl_losses(&mut self, ssl: &SslBatch, teacher_temp: f64) -> Vec<(&'static str, Tensor)> {
+        let wide = !self.model.config.vision_bottleneck_ae_only;
+        let loss = self.config.loss.clone();
+        let idx = &ssl.masks.mask_indices_list;
+        let (dino_targets, ibot_targets) = tch::no_grad(|| {
+            let t = self.teacher.trunk.forward_train(&ssl.global, None, 0.0, wide);
+            let chunks = t.cls.chunk(N_GLOBAL_CROPS, 0);
+            let cls = Tensor::cat(&[&chunks[1], &chunks[0]], 0);
+            let patches = t.patches.flatten(0, 1).index_select(0, idx);
+            let n_cls = cls.size()[0];
+            let logits = self.teacher.head.forward(&Tensor::cat(&[cls, patches], 0));
+            let (cls_logits, patch_logits) = (logits.narrow(0, 0, n_cls), logits.narrow(0, n_cls, idx.size()[0]));
+            (
+                self.dino.teacher_targets(&cls_logits, teacher_temp, loss.centering),
+                self.ibot.teacher_targets(&patch_logits, teacher_temp, loss.centering),
+            )
+        });
+        let trunk = &self.model.trunk;
+        let g = trunk.forward_train(&ssl.global, Some(&ssl.masks.masks), loss.ssl_drop_path, wide);
+        let l = trunk.forward_train(&ssl.local, None, loss.ssl_drop_path, wide);
+        let n_local = self.config.data.n_local_crops as i64;
+        let dino = self.dino.dino_crops_loss(
+            &self.head.forward(&g.cls),
+            &self.head.forward(&l.cls),
+            &dino_targets,
+            N_GLOBAL_CROPS,
+            n_local,
+        );
+        let student_patches = self.head.forward(&g.patches.flatten(0, 1).index_select(0, idx));
+        let ibot = self.ibot.ibot_patch_loss(
+            &student_patches,
+            &ibot_targets,
+            &ssl.masks.masks,
+            &ssl.masks.masks_weight,
+            N_GLOBAL_CROPS,
+        );
+        vec![("dino", dino.total()), ("ibot", ibot), ("koleo", koleo_per_crop(&g.cls, N_GLOBAL_CROPS))]
+    }
+
+    /// The loss of one batch and its terms (scalars, differentiable).
+    pub fn losses(&mut self, batch: &PretrainBatch, sv: &ScheduleValues) -> Result<Losses> {
+        let l = self.config.loss.clone();
+        let objectives = self.config.objectives;
+        let mut terms: Vec<(&'static str, Tensor)> = Vec::new();
+        let mut total = Tensor::zeros([], (Kind::Float, self.model.device()));
+        if let (true, Some(images), Some(tokens)) = (objectives.clip(), &batch.clip_images, &batch.tokens) {
+            let clip = self.clip_loss(images, tokens)?;
+            total += &clip * l.lambda_clip;
+            terms.push(("clip", clip));
+        }
+        if let (true, Some(ssl)) = (objectives.ssl(), &batch.ssl) {
+            let ssl_terms = self.ssl_losses(ssl, sv.teacher_temp);
+            let weights = [l.dino_weight, l.ibot_weight, l.koleo_weight];
+            let ssl_total =
+                ssl_terms.iter().zip(weights).fold(Tensor::zeros_like(&total), |acc, ((_, t), w)| acc + t * w);
+            total += &ssl_total * l.lambda_ssl;
+            terms.extend(ssl_terms);
+            terms.push(("ssl", ssl_total));
+        }
+        let f = self.model.trunk.forward_train(&batch.recon, None, l.rec_drop_path, true);
+        let reconstruction = self.model.get_latents_decoded_images(&tokens_to_map(&f.patches, f.grid))?;
+        let rec = self.recon.forward(&batch.recon, &reconstruction)?;
+        total += &rec.total * l.lambda_rec;
+        terms.push(("rec_l1", rec.l1));
+        if let Some(p) = rec.lpips {
+            terms.push(("rec_lpips", p));
+        }
+        terms.push(("rec", rec.total));
+        Ok(Losses { total, terms })
+    }
+
+    /// The update after a good backward pass: AdamW with the scheduled lr / wd / last-layer lr, the
+    /// logit-scale clamp to [0, ln 100], then the teacher EMA with the scheduled momentum.
+    pub fn update(&mut self, sv: &ScheduleValues) -> Result<()> {
+        self.optim.step(sv.lr, sv.wd, sv.last_layer_lr);
+        if let Some(s) = &self.model.logit_scale {
+            clamp_logit_scale(s);
+        }
+        self.teacher.ema_update(&self.student_parameters(), sv.momentum)
+    }
+
+    /// The gradients of every optimised parameter (for clipping).
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.optim.params().iter().map(|p| p.tensor.shallow_clone()).collect()
+    }
+
+    /// Every tensor a checkpoint holds: student, head, teacher, optimiser moments, centres.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> =
+            self.student_parameters().into_iter().map(|(k, v)| (format!("student.{k}"), v)).collect();
+        out.extend(self.teacher.named_parameters().into_iter().map(|(k, v)| (format!("teacher.{k}"), v)));
+        out.extend(self.optim.state_tensors());
+        out.push(("dino.center".into(), self.dino.center.shallow_clone()));
+        out.push(("ibot.center".into(), self.ibot.center.shallow_clone()));
+        out
+    }
+
+    /// Restores [`Self::state_tensors`] from a checkpoint.
+    pub fn load_state_tensors(&mut self, saved: &HashMap<String, Tensor>) -> Result<()> {
+        let live: Vec<(String, Tensor)> = self
+            .state_tensors()
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("optim.") && !k.ends_with(".center"))
+            .collect();
+        super::checkpoint::restore_into(&live, saved, "")?;
+        self.optim.load_state_tensors(saved)?;
+        for (key, center) in [("dino.center", &mut self.dino.center), ("ibot.center", &mut self.ibot.center)] {
+            *center =
+                saved.get(key).with_context(|| format!("the checkpoint has no '{key}'"))?.to_device(center.device());
+        }
+        Ok(())
+    }
+
+    /// The SSL centres, saved before a step so a skipped (non-finite) step leaves them unchanged.
+    pub fn centres(&self) -> (Tensor, Tensor) {
+        (self.dino.center.copy(), self.ibot.center.copy())
+    }
+
+    /// Puts back centres saved by [`Self::centres`].
+    pub fn restore_centres(&mut self, centres: (Tensor, Tensor)) {
+        (self.dino.center, self.ibot.center) = centres;
+    }
+}
+
+/// `vtp pretrain`'s run: the [`Pretrainer`] fed from its data source, its schedules, and the
+/// online evaluation and reconstruction grid.
+pub struct PretrainRun {
+    pub trainer: Pretrainer,
+    feed: DataFeed,
+    builder: BatchBuilder,
+    schedules: Schedules,
+    grid_inputs: Option<Tensor>,
+}
+
+impl PretrainRun {
+    /// A fresh run of `config` on `device` with the reconstruction loss `recon`.
+    pub fn new(config: PretrainConfig, recon: ReconLoss, device: Device) -> Result<Self> {
+        let feed = DataFeed::open(&config.data.source, stream_options(&config), None)?;
+        let c = &config;
+        let builder =
+            BatchBuilder::new(&c.data, &c.batch, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
+        let schedules = Schedules::new(&c.schedule, c.train.steps)?;
+        let trainer = Pretrainer::new(config, recon, device)?;
+        Ok(Self { trainer, feed, builder, schedules, grid_inputs: None })
+    }
+
+    /// The loop settings of this run's config.
+    pub fn run_options(&self) -> RunOptions {
+        let c = &self.trainer.config;
+        RunOptions {
+            steps: c.train.steps,
+            log_every: c.log.every,
+            eval_every: c.eval.every,
+            grid_every: c.eval.grid_every,
+            checkpoint_every: c.checkpoint.every,
+            keep: c.checkpoint.keep,
+            max_bad_steps: c.train.max_bad_steps,
+            stop_after: None,
+        }
+    }
+
+    /// The step's scalars: every loss term, the schedules, the gradient norm, the CLIP temperature.
+    fn scalars(&self, losses: &Losses, sv: &ScheduleValues, grad_norm: f64) -> Vec<(String, f64)> {
+        let mut out = vec![("loss/total".to_string(), losses.total.double_value(&[]))];
+        out.extend(losses.terms.iter().map(|(k, v)| (format!("loss/{k}"), v.double_value(&[]))));
+        out.extend([
+            ("lr".to_string(), sv.lr),
+            ("wd".to_string(), sv.wd),
+            ("momentum".to_string(), sv.momentum),
+            ("teacher_temp".to_string(), sv.teacher_temp),
+            ("grad_norm".to_string(), grad_norm),
+            ("data/skipped_samples".to_string(), self.feed.skipped().total() as f64),
+        ]);
+        if let Some(s) = &self.trainer.model.logit_scale {
+            out.push(("logit_scale".into(), s.exp().double_value(&[])));
+        }
+        out
+    }
+
+    /// The first `eval.grid_images` held-out images at the reconstruction size (read once).
+    fn grid_inputs(&mut self) -> Result<Tensor> {
+        if self.grid_inputs.is_none() {
+            let c = &self.trainer.config;
+            let patch = c.model.vision_patch_size as u32;
+            let images: Vec<Tensor> = source::open(&c.data.eval_source, &StreamOptions::default())?
+                .take(c.eval.grid_images)
+                .map(|s| {
+                    let img = prepare_rgb(&s?.image, patch, Fit::AdmCenterCrop(c.data.recon_size as u32))?;
+                    Ok(Tensor::from_slice(&img.data).view([3, img.height as i64, img.width as i64]))
+                })
+                .collect::<Result<_>>()?;
+            if images.is_empty() {
+                anyhow::bail!("the evaluation source '{}' yields no images", c.data.eval_source);
+            }
+            self.grid_inputs = Some(Tensor::stack(&images, 0));
+        }
+        Ok(self.grid_inputs.as_ref().expect("just set").shallow_clone())
+    }
+}
+
+/// The stream options of the training source.
+fn stream_options(c: &PretrainConfig) -> StreamOptions {
+    StreamOptions {
+        workers: c.data.workers,
+        shuffle_buffer: c.data.shuffle_buffer,
+        seed: c.train.seed,
+        ..StreamOptions::default()
+    }
+}
+
+/// The seed of step `step`'s random draws (batch subsets, crops, masks, drop-path): a function of
+/// the run seed and the step only, so a resumed run draws exactly what the uninterrupted one did.
+pub fn step_seed(seed: u64, step: u64) -> u64 {
+    let mut z = seed ^ step.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Trainer for PretrainRun {
+    fn train_step(&mut self, step: u64) -> Result<StepReport> {
+        let seed = step_seed(self.trainer.config.train.seed, step);
+        tch::manual_seed(seed as i64);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let samples = self.feed.next_batch(self.trainer.config.batch.clip)?;
+        let device = self.trainer.model.device();
+        let batch = self.builder.build(&samples, &mut rng).to_device(device);
+        let sv = self.schedules.at(step);
+        let centres = self.trainer.centres();
+        self.trainer.optim.zero_grad();
+        let mut losses = self.trainer.losses(&batch, &sv)?;
+        if self.trainer.config.debug.nan_at_steps.contains(&step) {
+            losses.total = &losses.total * f64::NAN;
+        }
+        let mut grad_norm = f64::NAN;
+        if losses.total.double_value(&[]).is_finite() {
+            losses.total.backward();
+            let max_norm = self.trainer.config.optim.clip_grad;
+            grad_norm =
+                clip_grad_norm(&self.trainer.parameters(), if max_norm > 0.0 { max_norm } else { f64::INFINITY });
+        }
+        let skipped = !grad_norm.is_finite();
+        if skipped {
+            self.trainer.optim.zero_grad();
+            self.trainer.restore_centres(centres);
+        } else {
+            self.trainer.update(&sv)?;
+        }
+        Ok(StepReport { scalars: self.scalars(&losses, &sv, grad_norm), images: samples.len(), skipped })
+    }
+
+    fn evaluate(&mut self, _step: u64) -> Result<Vec<(String, f64)>> {
+        let c = &self.trainer.config;
+        let model = &self.trainer.model;
+        let _guard = tch::no_grad_guard();
+        let mut out = Vec::new();
+        if model.config.train_clip && !c.eval.classes.is_empty() {
+            let size = c.data.clip_size as u32;
+            let z = zero_shot::evaluate_source(
+                model,
+                &c.data.eval_source,
+                &c.eval.classes,
+                c.eval.samples,
+                64,
+                size,
+                |_| {},
+            )?;
+            out.push(("eval/zero_shot_top1".to_string(), z.top1));
+        }
+        let metrics = ReconMetrics { inception: None, lpips: None, size: c.data.recon_size as u32, batch: 32 };
+        let r = recon::evaluate_source(model, &c.data.eval_source, c.eval.samples, &metrics, |_| {})?;
+        out.push(("eval/psnr".to_string(), r.psnr));
+        out.push(("eval/ssim".to_string(), r.ssim));
+        Ok(out)
+    }
+
+    fn snapshot(&mut self, step: u64, dir: &Path) -> Result<PathBuf> {
+        let inputs = self.grid_inputs()?;
+        let model = &self.trainer.model;
+        let outputs = tch::no_grad(|| -> Result<Tensor> {
+            let x = inputs.to_device(model.device());
+            model.get_latents_decoded_images(&model.get_reconstruction_latents(&x)?)
+        })?;
+        let path = dir.join(format!("recon-{step:08}.png"));
+        save_grid(&path, &[inputs, outputs.to_device(Device::Cpu)])?;
+        Ok(path)
+    }
+
+    fn checkpoint(&self) -> (Vec<(String, Tensor)>, serde_json::Value) {
+        let state = serde_json::json!({ "feed": self.feed.position(), "config": self.trainer.config });
+        (self.trainer.state_tensors(), state)
+    }
+
+    fn restore(&mut self, tensors: &HashMap<String, Tensor>, state: &serde_json::Value) -> Result<()> {
+        self.trainer.load_state_tensors(tensors)?;
+        let position: FeedPosition =
+            serde_json::from_value(state["feed"].clone()).context("the checkpoint's data position is unreadable")?;
+        let c = &self.trainer.config;
+        self.feed = DataFeed::open(&c.data.source, stream_options(c), Some(&position))?;
+        Ok(())
+    }
+
+    fn export(&self, dir: &Path) -> Result<()> {
+        self.trainer.model.save(dir)
+    }
+}
+
+/// Writes rows of ImageNet-normalised images `[N, 3, H, W]` (one tensor per row) as one PNG grid.
+pub fn save_grid(path: &Path, rows: &[Tensor]) -> Result<()> {
+    let (n, _, h, w) = rows[0].size4()?;
+    let mut grid = image::RgbImage::new((n * w) as u32, (rows.len() as i64 * h) as u32);
+    for (r, row) in rows.iter().enumerate() {
+        for i in 0..n {
+            let data = Vec::<f32>::try_from(row.get(i).to_kind(Kind::Float).contiguous().view([-1]))?;
+            let tile = to_rgb_image(&data, h as usize, w as usize)?;
+            image::imageops::replace(&mut grid, &tile, i * w, r as i64 * h);
+        }
+    }
+    let mut bytes = Vec::new();
+    grid.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+    crate::io::write_atomic(path, &bytes)
+}

@@ -3,7 +3,7 @@
 use crate::train::config::{PretrainConfig, PRETRAIN_PRESETS};
 use crate::train::objectives::recon::ReconLoss;
 use crate::train::pretrain::PretrainRun;
-use crate::train::run::{run, RunSummary};
+use crate::train::run::{run, RunOptions, RunSummary, Trainer};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -12,15 +12,31 @@ use tch::Device;
 /// Name of the effective config a run writes into its directory.
 pub const RUN_CONFIG: &str = "config.toml";
 
-/// Arguments shared by the trainers: config, overrides, run directory, resume.
+/// A trainer's configuration as [`RunArgs`] builds, prints and records it.
+pub trait RunConfig: Sized {
+    /// The preset, then `file` over it, then the `key=value` overrides; validated.
+    fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self>;
+    /// The config as TOML with a comment on every key (`--print-config`, the run's config.toml).
+    fn to_commented_toml(&self) -> Result<String>;
+}
+
+impl RunConfig for PretrainConfig {
+    fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        PretrainConfig::load(preset, file, overrides)
+    }
+
+    fn to_commented_toml(&self) -> Result<String> {
+        PretrainConfig::to_commented_toml(self)
+    }
+}
+
+/// Arguments shared by the trainers: config, overrides, run directory, resume (each trainer adds
+/// its own `--preset`, whose names differ).
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// TOML config over the preset's defaults (see --print-config for every key).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Preset the defaults come from.
-    #[arg(long, default_value = "tiny", value_parser = PRETRAIN_PRESETS)]
-    preset: String,
     /// Dotted overrides, e.g. `train.steps=100 checkpoint.every=50 batch.clip=32`.
     #[arg(value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -41,7 +57,7 @@ pub struct RunArgs {
 impl RunArgs {
     /// The run directory, checked for this invocation: a fresh run never reuses a directory that
     /// holds a run; a resumed one needs it.
-    fn run_dir(&self) -> Result<PathBuf> {
+    pub fn run_dir(&self) -> Result<PathBuf> {
         let out = self.out.clone().context("--out DIR is required (the run directory)")?;
         let has_run = out.join(RUN_CONFIG).exists();
         if self.resume && !has_run {
@@ -57,57 +73,86 @@ impl RunArgs {
         Ok(out)
     }
 
-    /// The effective config: the preset, the run's saved config when resuming (else --config),
+    /// The effective config: `preset`, the run's saved config when resuming (else --config),
     /// then the overrides.
-    fn pretrain_config(&self) -> Result<PretrainConfig> {
+    pub fn load_config<C: RunConfig>(&self, preset: &str) -> Result<C> {
         let saved = self.out.as_ref().map(|o| o.join(RUN_CONFIG)).filter(|p| self.resume && p.exists());
         let file = self.config.clone().or(saved);
-        PretrainConfig::load(&self.preset, file.as_deref(), &self.overrides)
+        C::load(preset, file.as_deref(), &self.overrides)
+    }
+
+    /// With --print-config: prints `config` with its comments and returns true (the command exits).
+    pub fn print_config<C: RunConfig>(&self, config: &C) -> Result<bool> {
+        if self.print_config {
+            print!("{}", config.to_commented_toml()?);
+        }
+        Ok(self.print_config)
+    }
+
+    /// Builds the trainer with gradients on (the CLI runs under no_grad), then records `config` in
+    /// `dir` (only once the trainer could be built) and runs the shared loop, resuming when asked.
+    pub fn train<C: RunConfig, T: Trainer>(
+        &self,
+        dir: &Path,
+        config: &C,
+        build: impl FnOnce() -> Result<(T, RunOptions)>,
+    ) -> Result<RunSummary> {
+        tch::with_grad(|| {
+            let (mut trainer, opts) = build()?;
+            write_config(dir, config)?;
+            run(&mut trainer, &RunOptions { stop_after: self.stop_after, ..opts }, dir, self.resume)
+        })
     }
 }
 
 /// Arguments of `vtp pretrain`.
 #[derive(Args, Debug)]
 pub struct PretrainArgs {
+    /// Preset the defaults come from.
+    #[arg(long, default_value = "tiny", value_parser = PRETRAIN_PRESETS)]
+    preset: String,
     #[command(flatten)]
     run: RunArgs,
 }
 
 /// Writes the effective config into the run directory.
-fn write_config(dir: &Path, config: &PretrainConfig) -> Result<()> {
+fn write_config<C: RunConfig>(dir: &Path, config: &C) -> Result<()> {
     crate::io::write_atomic(&dir.join(RUN_CONFIG), config.to_commented_toml()?.as_bytes())
+}
+
+/// The reconstruction loss of a run whose config asks for LPIPS when `*lpips`: without its weights,
+/// L1 only, said once, and `*lpips` set to false so the run records it.
+pub fn recon_loss(lpips: &mut bool, device: Device) -> ReconLoss {
+    if !*lpips {
+        return ReconLoss::new(None);
+    }
+    let (loss, note) = ReconLoss::load_default(device);
+    if let Some(note) = note {
+        eprintln!("note: {note}; the run records loss.lpips = false");
+        *lpips = false;
+    }
+    loss
 }
 
 /// Trains a VTP tokenizer from scratch and exports it in the released format.
 pub fn pretrain(a: &PretrainArgs, device: Device) -> Result<()> {
-    let mut config = a.run.pretrain_config()?;
-    if a.run.print_config {
-        print!("{}", config.to_commented_toml()?);
+    let mut config: PretrainConfig = a.run.load_config(&a.preset)?;
+    if a.run.print_config(&config)? {
         return Ok(());
     }
     let dir = a.run.run_dir()?;
-    let recon = if config.loss.lpips {
-        let (loss, note) = ReconLoss::load_default(device);
-        if let Some(note) = note {
-            eprintln!("note: {note}; the run records loss.lpips = false");
-            config.loss.lpips = false;
-        }
-        loss
-    } else {
-        ReconLoss::new(None)
-    };
-    write_config(&dir, &config)?;
-    let summary = tch::with_grad(|| -> Result<RunSummary> {
-        let mut trainer = PretrainRun::new(config, recon, device)?;
-        let opts = crate::train::run::RunOptions { stop_after: a.run.stop_after, ..trainer.run_options() };
-        run(&mut trainer, &opts, &dir, a.run.resume)
+    let recon = recon_loss(&mut config.loss.lpips, device);
+    let summary = a.run.train(&dir, &config, || {
+        let trainer = PretrainRun::new(config.clone(), recon, device)?;
+        let opts = trainer.run_options();
+        Ok((trainer, opts))
     })?;
     print_summary(&summary, &dir);
     Ok(())
 }
 
 /// The closing lines of a run.
-fn print_summary(s: &RunSummary, dir: &Path) {
+pub fn print_summary(s: &RunSummary, dir: &Path) {
     let evals: Vec<String> = s.last_eval.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
     println!("{} steps ({} skipped); {}", s.steps, s.skipped, evals.join(", "));
     match &s.exported {

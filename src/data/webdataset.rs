@@ -52,9 +52,9 @@ pub fn expand_shard_list(list: &str) -> Result<Vec<String>> {
 }
 
 /// Brace expansion as the `braceexpand` package does it for WebDataset: `{000..099}` is a numeric
-/// range (zero-padded to the wider bound when either bound has a leading zero; descending when the
-/// first bound is larger), `{a,b,c}` lists alternatives (which may nest), several braces give
-/// every combination in order.
+/// range (zero-padded to the wider bound when either bound has a leading zero; a backwards range such
+/// as `{5..1}` is an error rather than a descending list), `{a,b,c}` lists alternatives (which may
+/// nest), several braces give every combination in order.
 pub fn expand_braces(pattern: &str) -> Result<Vec<String>> {
     let Some(open) = pattern.find('{') else {
         if pattern.contains('}') {
@@ -124,7 +124,10 @@ fn numeric_range(body: &str) -> Option<Result<Vec<String>>> {
         let (a, b) = (parse(first)?, parse(last)?);
         let padded = |s: &str| s.len() > 1 && s.starts_with('0');
         let width = if padded(first) || padded(last) { first.len().max(last.len()) } else { 0 };
-        let values: Vec<u64> = if a <= b { (a..=b).collect() } else { (b..=a).rev().collect() };
+        if a > b {
+            bail!("the range runs backwards ({first} > {last}); write {{{last}..{first}}}");
+        }
+        let values: Vec<u64> = (a..=b).collect();
         Ok(values.into_iter().map(|v| format!("{v:0width$}")).collect())
     })())
 }

@@ -302,26 +302,9 @@ impl PretrainConfig {
         })
     }
 
-    /// A preset, then a TOML file over it, then `key=value` overrides; validated.
+    /// A preset, then a TOML file over it, then `key=value` overrides ([`load_layered`]); validated.
     pub fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        let mut value = toml::Value::try_from(Self::preset(preset)?).context("cannot serialise the preset")?;
-        if let Some(path) = file {
-            let text =
-                std::fs::read_to_string(path).with_context(|| format!("cannot read config '{}'", path.display()))?;
-            let user: toml::Table = toml::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("config '{}': {}", path.display(), one_line(&e.to_string())))?;
-            if let Some(p) = user.get("preset").and_then(toml::Value::as_str).filter(|p| *p != preset) {
-                value = toml::Value::try_from(Self::preset(p)?)?;
-            }
-            merge(&mut value, toml::Value::Table(user));
-        }
-        for kv in overrides {
-            apply_override(&mut value, kv)?;
-        }
-        let config: Self = from_value(value).with_context(|| match file {
-            Some(p) => format!("config '{}'", p.display()),
-            None => "config".to_string(),
-        })?;
+        let config: Self = load_layered(Self::preset, preset, file, overrides)?;
         config.validate()?;
         Ok(config)
     }
@@ -378,25 +361,62 @@ impl PretrainConfig {
 
     /// The config as commented TOML: every key preceded by what it means (`--print-config`).
     pub fn to_commented_toml(&self) -> Result<String> {
-        let value = toml::Value::try_from(self)?;
-        let table = value.as_table().context("the config is a table")?;
-        let mut out = String::from("# vtp pretrain configuration (spec §4). Defaults marked [DINOv2] / [OpenCLIP] are\n# those libraries' values: the paper does not publish VTP's.\n");
-        let (scalars, sections): (Vec<_>, Vec<_>) = table.iter().partition(|(_, v)| !v.is_table());
-        for (key, v) in scalars {
-            write_key(&mut out, key, key, v);
-        }
-        for (section, v) in sections {
-            out.push_str(&format!("\n[{section}]\n"));
-            for (key, v) in v.as_table().into_iter().flatten() {
-                write_key(&mut out, &format!("{section}.{key}"), key, v);
-            }
-        }
-        Ok(out)
+        commented_toml(self, PRETRAIN_HEADER, key_doc)
     }
 }
 
-fn write_key(out: &mut String, path: &str, key: &str, v: &toml::Value) {
-    out.push_str(&format!("# {}\n{key} = {v}\n", key_doc(path)));
+/// The first lines of `vtp pretrain --print-config`.
+const PRETRAIN_HEADER: &str = "# vtp pretrain configuration (spec §4). Defaults marked [DINOv2] / [OpenCLIP] are\n# those libraries' values: the paper does not publish VTP's.\n";
+
+/// A trainer's config as a layered value: the preset `preset_of(preset)`, then a TOML file over it
+/// (whose own `preset` key, if another, replaces the base), then `key=value` overrides; deserialised
+/// with errors naming the key path and the file. Not validated.
+pub fn load_layered<T: Serialize + DeserializeOwned>(
+    preset_of: impl Fn(&str) -> Result<T>,
+    preset: &str,
+    file: Option<&Path>,
+    overrides: &[String],
+) -> Result<T> {
+    let mut value = toml::Value::try_from(preset_of(preset)?).context("cannot serialise the preset")?;
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config '{}'", path.display()))?;
+        let user: toml::Table = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config '{}': {}", path.display(), one_line(&e.to_string())))?;
+        if let Some(p) = user.get("preset").and_then(toml::Value::as_str).filter(|p| *p != preset) {
+            value = toml::Value::try_from(preset_of(p)?)?;
+        }
+        merge(&mut value, toml::Value::Table(user));
+    }
+    for kv in overrides {
+        apply_override(&mut value, kv)?;
+    }
+    from_value(value).with_context(|| match file {
+        Some(p) => format!("config '{}'", p.display()),
+        None => "config".to_string(),
+    })
+}
+
+/// A config as commented TOML (`--print-config`, the run's `config.toml`): `header`, the top-level
+/// scalars, then one `[section]` per table, every key preceded by `# doc(dotted.path)`.
+pub fn commented_toml<T: Serialize>(config: &T, header: &str, doc: impl Fn(&str) -> &'static str) -> Result<String> {
+    let value = toml::Value::try_from(config)?;
+    let table = value.as_table().context("the config is a table")?;
+    let mut out = String::from(header);
+    let (scalars, sections): (Vec<_>, Vec<_>) = table.iter().partition(|(_, v)| !v.is_table());
+    for (key, v) in scalars {
+        write_key(&mut out, doc(key), key, v);
+    }
+    for (section, v) in sections {
+        out.push_str(&format!("\n[{section}]\n"));
+        for (key, v) in v.as_table().into_iter().flatten() {
+            write_key(&mut out, doc(&format!("{section}.{key}")), key, v);
+        }
+    }
+    Ok(out)
+}
+
+fn write_key(out: &mut String, doc: &str, key: &str, v: &toml::Value) {
+    out.push_str(&format!("# {doc}\n{key} = {v}\n"));
 }
 
 impl LossConfig {
@@ -439,6 +459,9 @@ pub fn from_value<T: DeserializeOwned>(value: toml::Value) -> Result<T> {
         let inner = one_line(&e.into_inner().to_string());
         match inner.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
             Some(field) if path == "." || path.is_empty() => anyhow::anyhow!("unknown config key '{field}'"),
+            Some(field) if path == field || path.ends_with(&format!(".{field}")) => {
+                anyhow::anyhow!("unknown config key '{path}'")
+            }
             Some(field) => anyhow::anyhow!("unknown config key '{path}.{field}'"),
             None => anyhow::anyhow!("config key '{path}': {inner}"),
         }

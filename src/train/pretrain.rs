@@ -208,6 +208,38 @@ impl Pretrainer {
         Ok(Losses { total, terms })
     }
 
+    /// One optimisation step on `batch` with the schedule values `sv`: the losses, backward, gradient
+    /// clipping (`optim.clip_grad`, 0 = off), then [`Self::update`]. A non-finite loss or gradient
+    /// norm (or `inject_nan`, for tests) skips the update and leaves the weights, optimiser and
+    /// centres unchanged. Returns the losses, the gradient norm (before clipping) and whether skipped.
+    pub fn step(
+        &mut self,
+        batch: &PretrainBatch,
+        sv: &ScheduleValues,
+        inject_nan: bool,
+    ) -> Result<(Losses, f64, bool)> {
+        let centres = self.centres();
+        self.optim.zero_grad();
+        let mut losses = self.losses(batch, sv)?;
+        if inject_nan {
+            losses.total = &losses.total * f64::NAN;
+        }
+        let mut grad_norm = f64::NAN;
+        if losses.total.double_value(&[]).is_finite() {
+            losses.total.backward();
+            let max_norm = self.config.optim.clip_grad;
+            grad_norm = clip_grad_norm(&self.parameters(), if max_norm > 0.0 { max_norm } else { f64::INFINITY });
+        }
+        let skipped = !grad_norm.is_finite();
+        if skipped {
+            self.optim.zero_grad();
+            self.restore_centres(centres);
+        } else {
+            self.update(sv)?;
+        }
+        Ok((losses, grad_norm, skipped))
+    }
+
     /// The update after a good backward pass: AdamW with the scheduled lr / wd / last-layer lr, the
     /// logit-scale clamp to [0, ln 100], then the teacher EMA with the scheduled momentum.
     pub fn update(&mut self, sv: &ScheduleValues) -> Result<()> {
@@ -365,26 +397,8 @@ impl Trainer for PretrainRun {
         let device = self.trainer.model.device();
         let batch = self.builder.build(&samples, &mut rng).to_device(device);
         let sv = self.schedules.at(step);
-        let centres = self.trainer.centres();
-        self.trainer.optim.zero_grad();
-        let mut losses = self.trainer.losses(&batch, &sv)?;
-        if self.trainer.config.debug.nan_at_steps.contains(&step) {
-            losses.total = &losses.total * f64::NAN;
-        }
-        let mut grad_norm = f64::NAN;
-        if losses.total.double_value(&[]).is_finite() {
-            losses.total.backward();
-            let max_norm = self.trainer.config.optim.clip_grad;
-            grad_norm =
-                clip_grad_norm(&self.trainer.parameters(), if max_norm > 0.0 { max_norm } else { f64::INFINITY });
-        }
-        let skipped = !grad_norm.is_finite();
-        if skipped {
-            self.trainer.optim.zero_grad();
-            self.trainer.restore_centres(centres);
-        } else {
-            self.trainer.update(&sv)?;
-        }
+        let inject_nan = self.trainer.config.debug.nan_at_steps.contains(&step);
+        let (losses, grad_norm, skipped) = self.trainer.step(&batch, &sv, inject_nan)?;
         Ok(StepReport { scalars: self.scalars(&losses, &sv, grad_norm), images: samples.len(), skipped })
     }
 

@@ -163,10 +163,8 @@ pub fn run(trainer: &mut dyn Trainer, opts: &RunOptions, run_dir: &Path, resume:
         if report.skipped {
             skipped += 1;
             bad_in_row += 1;
-            bar.println(format!(
-                "step {step}: non-finite loss or gradient, step skipped: {}",
-                all_terms(&report.scalars)
-            ));
+            let terms = all_terms(&report.scalars);
+            bar.suspend(|| eprintln!("step {step}: non-finite loss or gradient, step skipped: {terms}"));
             metrics.log(step, &[("skipped_step", 1.0)])?;
             if bad_in_row >= opts.max_bad_steps {
                 bar.abandon();
@@ -196,7 +194,8 @@ pub fn run(trainer: &mut dyn Trainer, opts: &RunOptions, run_dir: &Path, resume:
         }
         bar.set_position(step);
         let interrupted = stop.load(Ordering::SeqCst) || opts.stop_after.is_some_and(|n| step >= start + n);
-        if due(opts.checkpoint_every) || step == opts.steps || interrupted {
+        // No checkpoint inside a run of non-finite steps: the last one before it stays the newest.
+        if (due(opts.checkpoint_every) || step == opts.steps || interrupted) && bad_in_row == 0 {
             save(trainer, run_dir, step, opts.keep)?;
         }
         if interrupted && step < opts.steps {

@@ -1,0 +1,421 @@
+#!/usr/bin/env python3
+"""Plain-PyTorch VTP pre-training step (spec §4), the reference of `vtp`'s `Pretrainer::step`.
+
+One `all`-objectives step, written from the spec and the libraries it names, on the model of
+../shared/bench/pytorch_vtp.py (its trunk has no iBOT masks, so the masked forward is rebuilt here
+from its submodules, as DINOv3's `prepare_tokens_with_masks` does):
+  * CLIP: OpenCLIP `ClipLoss` (world size 1) on `F.normalize(visual_proj(CLS))` and the text tower,
+    `logit_scale.exp()`; the log-scale clamped to [0, ln 100] after the optimiser step.
+  * SSL (DINOv2 `ssl_meta_arch`): EMA teacher (trunk, no mask) on the global crops, CLS chunks swapped;
+    the DINO head (3-layer MLP, exact GELU, `F.normalize(eps=1e-12)`, `nn.utils.weight_norm` last layer
+    = `torch._weight_norm(v, g, 0)`) on CLS + masked patches; centred targets with the centres from
+    before the step, then the centre EMAs; DINO local / global terms over
+    `n_global_terms + n_local_terms`, global ×2; iBOT with `masks_weight` / number of global crops,
+    ×2 ×(1/2); KoLeo per global crop on the student's final-norm CLS tokens (pre-head).
+  * Reconstruction: trunk → 64-d bottleneck → pixel decoder, mean L1 on the normalised images (no LPIPS).
+  * `L = λ_clip·clip + λ_ssl·(w_dino·dino + w_ibot·ibot + w_koleo·koleo) + λ_rec·rec`.
+  * `clip_grad_norm_` over the parameters in name order, `torch.optim.AdamW(foreach=False)` with one
+    group per parameter (DINOv2 `get_params_groups_with_decay` + `get_vit_lr_decay_rate`, mirrored in
+    `multipliers`), lr = (last_layer_lr if last layer else lr) · lr_mult, wd = wd · wd_mult; then the
+    teacher EMA as DINOv2 writes it (`_foreach_mul_`, `_foreach_add_(alpha=1-m)`).
+
+Modes:
+  --setup DIR   parity (tests/train_step_parity.rs): reads DIR/setup.json (the run's PretrainConfig and
+                the schedule values of each step), DIR/init.safetensors (student, teacher, centres) and
+                DIR/batch.safetensors; runs one step per schedule entry on that batch; writes
+                DIR/out.safetensors: `loss.<i>.<term>`, `grad_norm.<i>`, and the final `student.*`,
+                `teacher.*`, `optim.*.{exp_avg,exp_avg_sq,step}`, `dino.center`, `ibot.center`.
+  --bench       timing (scripts/bench_train.sh): random weights and batch at the given preset and sizes,
+                median seconds per step, peak RSS; one JSON line in `vtp bench`'s format.
+"""
+import argparse, json, math, os, resource, statistics, sys, time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+N_GLOBAL = 2
+LOSS_SCALES = 2
+KOLEO_EPS = 1e-8
+EMBEDDING_PARTS = (".pos_embed", ".patch_embed", ".mask_token", ".cls_token", ".register_tokens")
+NO_WD_PARTS = ("norm", "gamma", "ln_", "logit_scale", "logit_bias", "positional_embedding")
+
+
+# ------------------------------------------------------------------------------------------- model
+class DinoHead(nn.Module):
+    """DINOv2 `DINOHead` (nlayers 3, no BN): keys `mlp.{0,2,4}.*`, `last_layer.weight_{g,v}`."""
+
+    def __init__(self, in_dim, hidden, bottleneck, out_dim):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.last_layer = nn.Module()
+        self.last_layer.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+        self.last_layer.weight_v = nn.Parameter(torch.empty(out_dim, bottleneck))
+        nn.init.uniform_(self.last_layer.weight_v, -bottleneck ** -0.5, bottleneck ** -0.5)
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x), dim=-1, p=2, eps=1e-12)
+        return F.linear(x, torch._weight_norm(self.last_layer.weight_v, self.last_layer.weight_g, 0))
+
+
+def trunk_forward(pv, trunk, img, masks=None, use_bottleneck=False):
+    """The trunk with iBOT masks (masked patch tokens become `mask_token`): final-norm (cls, patches),
+    both through `feature_bottleneck` when `use_bottleneck`."""
+    x = trunk.patch_embed.proj(img)
+    h, w = x.shape[-2:]
+    x = x.flatten(2).transpose(1, 2)
+    if masks is not None:
+        x = torch.where(masks.unsqueeze(-1), trunk.mask_token.to(x.dtype).unsqueeze(0), x)
+    x = torch.cat([trunk.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+    rope = pv.rope_sincos(h, w, trunk.head_dim, img.device)
+    for blk in trunk.blocks:
+        x = blk(x, rope)
+    x = trunk.norm(x)
+    cls, patches = x[:, 0], x[:, 1:]
+    if use_bottleneck and trunk.feature_bottleneck is not None:
+        cls, patches = trunk.feature_bottleneck(cls), trunk.feature_bottleneck(patches)
+    return cls, patches, (h, w)
+
+
+class Teacher(nn.Module):
+    """The EMA teacher: trunk, `visual_proj` (unused by the losses) and DINO head, student names."""
+
+    def __init__(self, pv, c, head_cfg):
+        super().__init__()
+        self.trunk = pv.Trunk(c)
+        in_dim = c["vision_embed_dim"] if c["vision_bottleneck_ae_only"] else c["vision_feature_bottleneck"]
+        if c["train_clip"]:
+            self.visual_proj = nn.Linear(in_dim, c["text_embed_dim"], bias=False)
+        self.dino_head = make_head(in_dim, head_cfg)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+
+def make_head(in_dim, h):
+    return DinoHead(in_dim, h["hidden_dim"], h["bottleneck_dim"], h["out_dim"])
+
+
+# ------------------------------------------------------------------------------------------ losses
+def softmax_centered(t, center, temp):
+    return F.softmax((t - center) / temp, dim=-1)
+
+
+def center_ema(center, batch_sum, count, m):
+    return center * m + (batch_sum / count) * (1 - m)
+
+
+def dino_forward(student_chunks, teacher_chunks, student_temp):
+    """DINOv2 `DINOLoss.forward`."""
+    total = 0
+    for s in student_chunks:
+        lsm = F.log_softmax(s / student_temp, dim=-1)
+        for t in teacher_chunks:
+            total = total - torch.sum(t * lsm, dim=-1).mean()
+    return total
+
+
+def koleo(x):
+    """DINOv2 `KoLeoLoss`."""
+    x = F.normalize(x, eps=KOLEO_EPS, p=2, dim=-1)
+    with torch.no_grad():
+        dots = torch.mm(x, x.t())
+        dots.view(-1)[:: (x.shape[0] + 1)].fill_(-1)
+        nn_index = dots.max(dim=1)[1]
+    d = F.pairwise_distance(x, x[nn_index], p=2, eps=KOLEO_EPS)
+    return -torch.log(d + KOLEO_EPS).mean()
+
+
+class State:
+    """Everything one step reads and updates: student (model + head), teacher, centres, optimiser."""
+
+    def __init__(self, pv, cfg, model, head, teacher):
+        self.pv, self.cfg, self.model, self.head, self.teacher = pv, cfg, model, head, teacher
+        k = cfg["dino_head"]["out_dim"]
+        self.dino_center, self.ibot_center = torch.zeros(1, k), torch.zeros(1, 1, k)
+        self.named = sorted(student_parameters(model, head).items())
+        o, depth = cfg["optim"], cfg["model"]["vision_depth"]
+        self.mults = [multipliers(n, p.dim(), depth, o["layer_decay"], o["patch_embed_lr_mult"]) for n, p in self.named]
+        self.opt = torch.optim.AdamW([{"params": [p]} for _, p in self.named], lr=0.0, betas=(o["beta1"], o["beta2"]),
+                                     eps=o["eps"], weight_decay=0.0, foreach=False)
+
+    def wide(self):
+        return not self.cfg["model"]["vision_bottleneck_ae_only"]
+
+    def clip_loss(self, images, tokens):
+        m = self.model
+        cls, patches, _ = trunk_forward(self.pv, m.trunk, images, None, self.wide())
+        feat = cls if m.c["vision_clip_feat"] == "cls" else patches.mean(1)
+        image_features = F.normalize(m.visual_proj(feat), dim=-1)
+        text_features = m.get_clip_text_feature(tokens, normalize=True)
+        s = m.logit_scale.exp()
+        logits_per_image = s * image_features @ text_features.T
+        logits_per_text = s * text_features @ image_features.T
+        labels = torch.arange(logits_per_image.shape[0])
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+    def ssl_losses(self, b, teacher_temp):
+        l, idx, masks = self.cfg["loss"], b["mask_indices_list"], b["masks"]
+        assert l["centering"] == "centering", "only DINOv2 centering is implemented"
+        with torch.no_grad():
+            t_cls, t_patches, _ = trunk_forward(self.pv, self.teacher.trunk, b["global"], None, self.wide())
+            chunks = t_cls.chunk(N_GLOBAL)
+            cls = torch.cat([chunks[1], chunks[0]])
+            patches = t_patches.flatten(0, 1).index_select(0, idx)
+            logits = self.teacher.dino_head(torch.cat([cls, patches]))
+            cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0]:]
+            dino_targets = softmax_centered(cls_logits, self.dino_center, teacher_temp)
+            self.dino_center = center_ema(self.dino_center, cls_logits.sum(0, keepdim=True), cls_logits.shape[0],
+                                          l["center_momentum"])
+            h = patch_logits.unsqueeze(0)
+            ibot_targets = softmax_centered(h, self.ibot_center, teacher_temp).squeeze(0)
+            self.ibot_center = center_ema(self.ibot_center, h.mean(1).sum(0, keepdim=True), h.shape[0],
+                                          l["center_momentum"])
+        trunk = self.model.trunk
+        g_cls, g_patches, _ = trunk_forward(self.pv, trunk, b["global"], masks, self.wide())
+        l_cls, _, _ = trunk_forward(self.pv, trunk, b["local"], None, self.wide())
+        n_local = self.cfg["data"]["n_local_crops"]
+        n_terms = (N_GLOBAL - 1) * N_GLOBAL + n_local * N_GLOBAL
+        s_global, s_local = self.head(g_cls), self.head(l_cls)
+        local = dino_forward(s_local.chunk(n_local), dino_targets.chunk(N_GLOBAL), l["student_temp"]) / n_terms
+        glob = dino_forward([s_global], [dino_targets], l["student_temp"]) * LOSS_SCALES / n_terms
+        s_patches = self.head(g_patches.flatten(0, 1).index_select(0, idx))
+        lsm = F.log_softmax(s_patches / l["student_temp"], dim=-1)
+        ibot = -(torch.sum(ibot_targets * lsm, dim=-1) * b["masks_weight"]).sum() / masks.shape[0]
+        ibot = ibot * LOSS_SCALES * (1.0 / N_GLOBAL)
+        k = sum(koleo(c) for c in g_cls.chunk(N_GLOBAL))
+        return [("dino", local + glob), ("ibot", ibot), ("koleo", k)]
+
+    def losses(self, b, sv):
+        l, m = self.cfg["loss"], self.model
+        terms, total = [], torch.zeros([])
+        clip = self.clip_loss(b["clip_images"], b["tokens"])
+        total = total + clip * l["lambda_clip"]
+        terms.append(("clip", clip))
+        ssl_terms = self.ssl_losses(b, sv["teacher_temp"])
+        ssl = torch.zeros([])
+        for (_, t), w in zip(ssl_terms, (l["dino_weight"], l["ibot_weight"], l["koleo_weight"])):
+            ssl = ssl + t * w
+        total = total + ssl * l["lambda_ssl"]
+        terms += ssl_terms + [("ssl", ssl)]
+        _, patches, grid = trunk_forward(self.pv, m.trunk, b["recon"], None, True)
+        bsz, _, ch = patches.shape
+        reconstruction = m.get_latents_decoded_images(patches.transpose(1, 2).reshape(bsz, ch, *grid))
+        rec = F.l1_loss(reconstruction, b["recon"])
+        total = total + rec * l["lambda_rec"]
+        terms += [("rec_l1", rec), ("rec", rec)]
+        return total, terms
+
+    def step(self, b, sv):
+        """losses, backward, clipping, AdamW, logit-scale clamp, teacher EMA; returns (terms, grad norm)."""
+        self.opt.zero_grad(set_to_none=True)
+        total, terms = self.losses(b, sv)
+        total.backward()
+        max_norm = self.cfg["optim"]["clip_grad"]
+        params = [p for _, p in self.named]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        for group, (lr_mult, wd_mult, last) in zip(self.opt.param_groups, self.mults):
+            group["lr"] = (sv["last_layer_lr"] if last else sv["lr"]) * lr_mult
+            group["weight_decay"] = sv["wd"] * wd_mult
+        self.opt.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))
+            self.ema(sv["momentum"])
+        return [("total", total)] + terms, grad_norm
+
+    def ema(self, m):
+        student = dict(self.named)
+        names = sorted(n for n, _ in self.teacher.named_parameters())
+        t_params = dict(self.teacher.named_parameters())
+        torch._foreach_mul_([t_params[n] for n in names], m)
+        torch._foreach_add_([t_params[n] for n in names], [student[n] for n in names], alpha=1 - m)
+
+
+def student_parameters(model, head):
+    named = dict(model.named_parameters())
+    named.update({f"dino_head.{n}": p for n, p in head.named_parameters()})
+    return named
+
+
+def multipliers(name, ndim, depth, layer_decay, patch_embed_lr_mult):
+    """DINOv2's (lr_mult, wd_mult, is_last_layer) as `vtp::train::optim::dinov2_multipliers` states the rule:
+    layer decay on `trunk.*` only (id 0 embeddings/tokens, i+1 for block i, depth+1 otherwise), patch-embed
+    lr ×mult, no wd for ndim<2 / `.bias` / norm / gamma / ln_ / logit_* / positional_embedding / `*token*` leaves."""
+    lr_mult = 1.0
+    if name.startswith("trunk"):
+        rest = name[len("trunk"):]
+        if any(p in rest for p in EMBEDDING_PARTS) or ".storage_tokens" in rest:
+            layer_id = 0
+        elif rest.startswith(".blocks."):
+            block = rest[len(".blocks."):].split(".")[0]
+            layer_id = int(block) + 1 if block.isdigit() else depth + 1
+        else:
+            layer_id = depth + 1
+        lr_mult = layer_decay ** float(depth + 1 - layer_id)
+    if "patch_embed" in name:
+        lr_mult *= patch_embed_lr_mult
+    leaf = name.rsplit(".", 1)[-1]
+    no_wd = ndim < 2 or name.endswith(".bias") or any(p in name for p in NO_WD_PARTS) or "token" in leaf
+    return lr_mult, 0.0 if no_wd else 1.0, "last_layer" in name
+
+
+# ------------------------------------------------------------------------------------------ parity
+def build(pv, cfg, with_text=True):
+    c = pv.make_config(None, {k: v for k, v in cfg["model"].items() if k in pv.DEFAULTS})
+    model = pv.VTP(c, with_text=with_text)
+    in_dim = c["vision_embed_dim"] if c["vision_bottleneck_ae_only"] else c["vision_feature_bottleneck"]
+    return model, make_head(in_dim, cfg["dino_head"]), Teacher(pv, c, cfg["dino_head"])
+
+
+def load_exact(module, prefix, tensors):
+    own = {k for k in module.state_dict()}
+    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    extra, missing = sorted(set(sd) - own), sorted(own - set(sd))
+    if extra or missing:
+        raise SystemExit(f"{prefix}: missing {missing[:8]}, unexpected {extra[:8]}")
+    module.load_state_dict(sd)
+
+
+def parity(pv, a):
+    from safetensors.torch import load_file, save_file
+    with open(os.path.join(a.setup, "setup.json")) as f:
+        setup = json.load(f)
+    cfg = setup["config"]
+    if cfg["objectives"] != "all" or cfg["loss"]["ssl_drop_path"] or cfg["loss"]["clip_drop_path"] or cfg["loss"]["rec_drop_path"]:
+        raise SystemExit("parity mode needs objectives = all and no drop-path")
+    init = load_file(os.path.join(a.setup, "init.safetensors"))
+    batch = load_file(os.path.join(a.setup, "batch.safetensors"))
+    model, head, teacher = build(pv, cfg)
+    student = {k[len("student."):]: v for k, v in init.items() if k.startswith("student.")}
+    load_exact(model, "", {k: v for k, v in student.items() if not k.startswith("dino_head.")})
+    load_exact(head, "dino_head.", student)
+    load_exact(teacher, "teacher.", init)
+    state = State(pv, cfg, model, head, teacher)
+    state.dino_center, state.ibot_center = init["dino.center"].clone(), init["ibot.center"].clone()
+    out = {}
+    for i, sv in enumerate(setup["schedule"]):
+        terms, grad_norm = state.step(batch, sv)
+        out.update({f"loss.{i}.{n}": t.detach().reshape([]) for n, t in terms})
+        out[f"grad_norm.{i}"] = grad_norm.detach().reshape([])
+    for name, p in state.named:
+        out[f"student.{name}"] = p.detach()
+        st = state.opt.state.get(p, {})
+        out[f"optim.{name}.exp_avg"] = st.get("exp_avg", torch.zeros_like(p))
+        out[f"optim.{name}.exp_avg_sq"] = st.get("exp_avg_sq", torch.zeros_like(p))
+        out[f"optim.{name}.step"] = st.get("step", torch.tensor(0.0)).reshape([])
+    out.update({f"teacher.{n}": p.detach() for n, p in teacher.named_parameters()})
+    out["dino.center"], out["ibot.center"] = state.dino_center, state.ibot_center
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(a.setup, "out.safetensors"))
+    print(json.dumps(dict(steps=len(setup["schedule"]), tensors=len(out), torch=torch.__version__,
+                          cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())))
+
+
+# ------------------------------------------------------------------------------------------- bench
+def rss_mib(field="VmRSS"):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def random_masks(n_crops, grid, g):
+    """DINOv2 collate's mask counts (half the crops, ratios over linspace(0.1, 0.5)), random positions."""
+    n_tokens, n_masked = grid * grid, int(n_crops * 0.5)
+    probs = torch.linspace(0.1, 0.5, n_masked + 1)
+    masks = torch.zeros(n_crops, n_tokens, dtype=torch.bool)
+    for i in range(n_masked):
+        lo, hi = probs[i].item(), probs[i + 1].item()
+        k = int(n_tokens * (lo + (hi - lo) * torch.rand([], generator=g).item()))
+        masks[i, torch.randperm(n_tokens, generator=g)[:k]] = True
+    masks = masks[torch.randperm(n_crops, generator=g)]
+    per_row = masks.sum(-1, keepdim=True).clamp(min=1.0)
+    return masks, masks.flatten().nonzero().flatten(), (1 / per_row).expand_as(masks)[masks]
+
+
+def random_batch(cfg, a, g):
+    c, p = cfg["model"], cfg["model"]["vision_patch_size"]
+    masks, idx, weight = random_masks(N_GLOBAL * a.batch_ssl, a.global_size // p, g)
+    img = lambda n, s: torch.randn(n, 3, s, s, generator=g)
+    return dict(clip_images=img(a.batch, a.clip_size), global_=None,
+                tokens=torch.randint(1, c["text_vocab_size"], (a.batch, c["text_context_length"]), generator=g),
+                **{"global": img(N_GLOBAL * a.batch_ssl, a.global_size)},
+                local=img(a.n_local_crops * a.batch_ssl, a.local_size), masks=masks, mask_indices_list=idx,
+                masks_weight=weight, recon=img(a.batch_recon, a.recon_size))
+
+
+def bench_config(pv, a):
+    model = pv.make_config(a.preset)
+    return dict(model=model, objectives="all", data=dict(n_local_crops=a.n_local_crops),
+                loss=dict(lambda_rec=0.1, lambda_ssl=1.0, lambda_clip=1.0, dino_weight=1.0, ibot_weight=1.0,
+                          koleo_weight=0.1, centering="centering", student_temp=0.1, center_momentum=0.9),
+                dino_head=dict(out_dim=a.out_dim, hidden_dim=a.hidden_dim, bottleneck_dim=a.bottleneck_dim),
+                optim=dict(beta1=0.9, beta2=0.999, eps=1e-8, clip_grad=3.0, layer_decay=0.9, patch_embed_lr_mult=0.2))
+
+
+def bench(pv, a):
+    torch.manual_seed(a.seed)
+    cfg = bench_config(pv, a)
+    model, head, teacher = build(pv, cfg)
+    pv.init_random(model, a.seed)
+    with torch.no_grad():
+        for n, p in head.named_parameters():
+            if n.startswith("mlp.") and p.dim() == 2:
+                nn.init.trunc_normal_(p, std=0.02)
+        t_params = dict(teacher.named_parameters())
+        for n, p in student_parameters(model, head).items():
+            if n in t_params:
+                t_params[n].copy_(p)
+    state = State(pv, cfg, model, head, teacher)
+    batch = random_batch(cfg, a, torch.Generator().manual_seed(a.seed + 1))
+    sv = dict(lr=1e-4, wd=0.04, momentum=0.992, teacher_temp=0.04, last_layer_lr=1e-4)
+    times, rss, t_all = [], {}, time.perf_counter()
+    for i in range(a.warmup + a.iters):
+        t0 = time.perf_counter()
+        state.step(batch, sv)
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+        if i + 1 in (20, 200):
+            rss[f"rss_after_{i + 1}_mib"] = round(rss_mib(), 1)
+    med = statistics.median(times)
+    print(json.dumps(dict(
+        impl="pytorch-eager", preset=a.preset, mode="pretrain-step", batch=a.batch, batch_ssl=a.batch_ssl,
+        batch_recon=a.batch_recon, clip_size=a.clip_size, global_size=a.global_size, local_size=a.local_size,
+        n_local_crops=a.n_local_crops, recon_size=a.recon_size, dino_out_dim=a.out_dim, threads=a.threads,
+        img_per_s=round(a.batch / med, 4), s_per_iter=round(med, 4), s_per_iter_min=round(min(times), 4),
+        iters=a.iters, warmup=a.warmup, peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **rss, wall_s=round(time.perf_counter() - t_all, 2), torch=torch.__version__)))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bench-dir", default=os.path.join(HERE, "../../shared/bench"), help="folder of pytorch_vtp.py")
+    ap.add_argument("--threads", type=int, default=2)
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--setup", help="parity: folder with setup.json, init.safetensors, batch.safetensors")
+    mode.add_argument("--bench", action="store_true", help="time one all-objectives step on random data")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=8, help="CLIP pairs per step")
+    ap.add_argument("--batch-ssl", type=int, default=2)
+    ap.add_argument("--batch-recon", type=int, default=1)
+    ap.add_argument("--clip-size", type=int, default=256)
+    ap.add_argument("--global-size", type=int, default=224)
+    ap.add_argument("--local-size", type=int, default=96)
+    ap.add_argument("--n-local-crops", type=int, default=8)
+    ap.add_argument("--recon-size", type=int, default=256)
+    ap.add_argument("--out-dim", type=int, default=65536)
+    ap.add_argument("--hidden-dim", type=int, default=2048)
+    ap.add_argument("--bottleneck-dim", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    sys.path.insert(0, a.bench_dir)
+    import pytorch_vtp as pv
+    parity(pv, a) if a.setup else bench(pv, a)
+
+
+if __name__ == "__main__":
+    main()

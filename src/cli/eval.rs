@@ -48,6 +48,10 @@ pub struct EvalArgs {
     /// At most this many images per data set.
     #[arg(long, default_value_t = 1000)]
     limit: usize,
+    /// Image side of the zero-shot and reconstruction protocols (spec §5.1, §5.3: 256; use the
+    /// training resolution for models trained smaller, e.g. 64 for `vtp pretrain --preset tiny`).
+    #[arg(long, default_value_t = 256)]
+    size: u32,
     /// Images per forward pass.
     #[arg(long, default_value_t = 16)]
     batch: usize,
@@ -91,7 +95,7 @@ fn samples(spec: &str, limit: usize, what: &str) -> Result<(impl Iterator<Item =
 fn zero_shot(model: &VtpModel, a: &EvalArgs) -> Result<ZeroShotResult> {
     let bar = progress(a.limit, "zero-shot");
     let result =
-        zero_shot::evaluate_source(model, &a.data, &a.classes, a.limit, a.batch, 256, |n| bar.set_position(n as u64));
+        zero_shot::evaluate_source(model, &a.data, &a.classes, a.limit, a.batch, a.size, |n| bar.set_position(n as u64));
     bar.finish_and_clear();
     result
 }
@@ -158,7 +162,7 @@ fn reconstruction(model: &VtpModel, a: &EvalArgs, device: Device, skipped: &mut 
         }
     };
     let bar = progress(a.limit, "reconstruct");
-    let metrics = ReconMetrics { inception: inception.as_ref(), lpips: lpips.as_ref(), size: 256, batch: a.batch };
+    let metrics = ReconMetrics { inception: inception.as_ref(), lpips: lpips.as_ref(), size: a.size, batch: a.batch };
     let result = recon::evaluate_source(model, &a.data, a.limit, &metrics, |n| bar.set_position(n as u64));
     bar.finish_and_clear();
     result

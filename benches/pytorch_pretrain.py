@@ -9,8 +9,8 @@ from its submodules, as DINOv3's `prepare_tokens_with_masks` does):
   * SSL (DINOv2 `ssl_meta_arch`): EMA teacher (trunk, no mask) on the global crops, CLS chunks swapped;
     the DINO head (3-layer MLP, exact GELU, `F.normalize(eps=1e-12)`, `nn.utils.weight_norm` last layer
     = `torch._weight_norm(v, g, 0)`) on CLS + masked patches; centred targets with the centres from
-    before the step, then the centre EMAs; DINO local / global terms over
-    `n_global_terms + n_local_terms`, global ×2; iBOT with `masks_weight` / number of global crops,
+    before the step, then the centre EMAs (or Sinkhorn-Knopp, 3 iterations, B = rows / masked
+    patches); DINO local / global terms over `n_global_terms + n_local_terms`, global ×2; iBOT with `masks_weight` / number of global crops,
     ×2 ×(1/2); KoLeo per global crop on the student's final-norm CLS tokens (pre-head).
   * Reconstruction: trunk → 64-d bottleneck → pixel decoder, mean L1 on the normalised images (no LPIPS).
   * `L = λ_clip·clip + λ_ssl·(w_dino·dino + w_ibot·ibot + w_koleo·koleo) + λ_rec·rec`.
@@ -106,6 +106,20 @@ def center_ema(center, batch_sum, count, m):
     return center * m + (batch_sum / count) * (1 - m)
 
 
+def sinkhorn_knopp(t, temp, n_samples, n_iterations=3):
+    """DINOv2 `sinkhorn_knopp_teacher` (world size 1)."""
+    q = torch.exp(t.float() / temp).t()
+    k = q.shape[0]
+    q /= torch.sum(q)
+    for _ in range(n_iterations):
+        q /= torch.sum(q, dim=1, keepdim=True)
+        q /= k
+        q /= torch.sum(q, dim=0, keepdim=True)
+        q /= n_samples
+    q *= n_samples
+    return q.t()
+
+
 def dino_forward(student_chunks, teacher_chunks, student_temp):
     """DINOv2 `DINOLoss.forward`."""
     total = 0
@@ -157,7 +171,6 @@ class State:
 
     def ssl_losses(self, b, teacher_temp):
         l, idx, masks = self.cfg["loss"], b["mask_indices_list"], b["masks"]
-        assert l["centering"] == "centering", "only DINOv2 centering is implemented"
         with torch.no_grad():
             t_cls, t_patches, _ = trunk_forward(self.pv, self.teacher.trunk, b["global"], None, self.wide())
             chunks = t_cls.chunk(N_GLOBAL)
@@ -165,13 +178,7 @@ class State:
             patches = t_patches.flatten(0, 1).index_select(0, idx)
             logits = self.teacher.dino_head(torch.cat([cls, patches]))
             cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0]:]
-            dino_targets = softmax_centered(cls_logits, self.dino_center, teacher_temp)
-            self.dino_center = center_ema(self.dino_center, cls_logits.sum(0, keepdim=True), cls_logits.shape[0],
-                                          l["center_momentum"])
-            h = patch_logits.unsqueeze(0)
-            ibot_targets = softmax_centered(h, self.ibot_center, teacher_temp).squeeze(0)
-            self.ibot_center = center_ema(self.ibot_center, h.mean(1).sum(0, keepdim=True), h.shape[0],
-                                          l["center_momentum"])
+            dino_targets, ibot_targets = self.teacher_targets(cls_logits, patch_logits, teacher_temp)
         trunk = self.model.trunk
         g_cls, g_patches, _ = trunk_forward(self.pv, trunk, b["global"], masks, self.wide())
         l_cls, _, _ = trunk_forward(self.pv, trunk, b["local"], None, self.wide())
@@ -186,6 +193,22 @@ class State:
         ibot = ibot * LOSS_SCALES * (1.0 / N_GLOBAL)
         k = sum(koleo(c) for c in g_cls.chunk(N_GLOBAL))
         return [("dino", local + glob), ("ibot", ibot), ("koleo", k)]
+
+    def teacher_targets(self, cls_logits, patch_logits, teacher_temp):
+        """DINO and iBOT targets: centred with the centres from before the step, which are then updated
+        (DINOv2 `centering`), or Sinkhorn-Knopp with B = rows / masked patches (`sinkhorn_knopp`)."""
+        l = self.cfg["loss"]
+        if l["centering"] == "sinkhorn_knopp":
+            return (sinkhorn_knopp(cls_logits, teacher_temp, cls_logits.shape[0]),
+                    sinkhorn_knopp(patch_logits, teacher_temp, patch_logits.shape[0]))
+        dino = softmax_centered(cls_logits, self.dino_center, teacher_temp)
+        self.dino_center = center_ema(self.dino_center, cls_logits.sum(0, keepdim=True), cls_logits.shape[0],
+                                      l["center_momentum"])
+        h = patch_logits.unsqueeze(0)
+        ibot = softmax_centered(h, self.ibot_center, teacher_temp).squeeze(0)
+        self.ibot_center = center_ema(self.ibot_center, h.mean(1).sum(0, keepdim=True), h.shape[0],
+                                      l["center_momentum"])
+        return dino, ibot
 
     def losses(self, b, sv):
         l, m = self.cfg["loss"], self.model
@@ -296,7 +319,7 @@ def parity(pv, a):
     out = {}
     for i, sv in enumerate(setup["schedule"]):
         terms, grad_norm = state.step(batch, sv)
-        out.update({f"loss.{i}.{n}": t.detach().reshape([]) for n, t in terms})
+        out.update({f"loss.{i}.{n}": t.detach().reshape([]).clone() for n, t in terms})
         out[f"grad_norm.{i}"] = grad_norm.detach().reshape([])
     for name, p in state.named:
         out[f"student.{name}"] = p.detach()
@@ -338,11 +361,10 @@ def random_batch(cfg, a, g):
     c, p = cfg["model"], cfg["model"]["vision_patch_size"]
     masks, idx, weight = random_masks(N_GLOBAL * a.batch_ssl, a.global_size // p, g)
     img = lambda n, s: torch.randn(n, 3, s, s, generator=g)
-    return dict(clip_images=img(a.batch, a.clip_size), global_=None,
-                tokens=torch.randint(1, c["text_vocab_size"], (a.batch, c["text_context_length"]), generator=g),
-                **{"global": img(N_GLOBAL * a.batch_ssl, a.global_size)},
-                local=img(a.n_local_crops * a.batch_ssl, a.local_size), masks=masks, mask_indices_list=idx,
-                masks_weight=weight, recon=img(a.batch_recon, a.recon_size))
+    tokens = torch.randint(1, c["text_vocab_size"], (a.batch, c["text_context_length"]), generator=g)
+    return {"clip_images": img(a.batch, a.clip_size), "tokens": tokens,
+            "global": img(N_GLOBAL * a.batch_ssl, a.global_size), "local": img(a.n_local_crops * a.batch_ssl, a.local_size),
+            "masks": masks, "mask_indices_list": idx, "masks_weight": weight, "recon": img(a.batch_recon, a.recon_size)}
 
 
 def bench_config(pv, a):

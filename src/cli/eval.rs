@@ -94,8 +94,9 @@ fn samples(spec: &str, limit: usize, what: &str) -> Result<(impl Iterator<Item =
 
 fn zero_shot(model: &VtpModel, a: &EvalArgs) -> Result<ZeroShotResult> {
     let bar = progress(a.limit, "zero-shot");
-    let result =
-        zero_shot::evaluate_source(model, &a.data, &a.classes, a.limit, a.batch, a.size, |n| bar.set_position(n as u64));
+    let result = zero_shot::evaluate_source(model, &a.data, &a.classes, a.limit, a.batch, a.size, |n| {
+        bar.set_position(n as u64)
+    });
     bar.finish_and_clear();
     result
 }

@@ -4,6 +4,7 @@ mod clip;
 mod data;
 mod eval;
 mod fid;
+mod finetune;
 mod images;
 mod model_cmds;
 mod recon;
@@ -68,6 +69,9 @@ enum Command {
     /// Pre-train a VTP tokenizer from scratch: CLIP + DINO/iBOT/KoLeo + L1/LPIPS reconstruction (spec §4);
     /// `--preset tiny` runs on a laptop CPU in minutes on the built-in synthetic data.
     Pretrain(train::PretrainArgs),
+    /// Stage 2: fine-tune a tokenizer's pixel decoder with L1 + LPIPS + a PatchGAN, encoder frozen
+    /// (spec §4.7); exports the whole tokenizer, whose latents are unchanged.
+    FinetuneDecoder(finetune::FinetuneArgs),
     /// Data sources: export to WebDataset shards, inspect, benchmark the augmentations.
     Data {
         #[command(subcommand)]
@@ -159,6 +163,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fid(a) => fid::fid(&a, device),
         Command::Convert(a) => fid::convert(&a),
         Command::Pretrain(a) => train::pretrain(&a, device),
+        Command::FinetuneDecoder(a) => finetune::finetune_decoder(&a, device),
     }
 }
 

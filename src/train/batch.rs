@@ -123,7 +123,7 @@ fn seeds(n: usize, rng: &mut ChaCha8Rng) -> Vec<u64> {
 }
 
 /// Renders one crop per sample in parallel (each with its own seeded generator) and stacks them.
-fn render<F>(samples: Vec<&Sample>, rng: &mut ChaCha8Rng, crop: F) -> Tensor
+pub fn render<F>(samples: Vec<&Sample>, rng: &mut ChaCha8Rng, crop: F) -> Tensor
 where
     F: Fn(&Sample, &mut ChaCha8Rng) -> Tensor + Sync,
 {

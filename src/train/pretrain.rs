@@ -407,18 +407,11 @@ impl Trainer for PretrainRun {
         let model = &self.trainer.model;
         let _guard = tch::no_grad_guard();
         let mut out = Vec::new();
-        if model.config.train_clip && !c.eval.classes.is_empty() {
-            let size = c.data.clip_size as u32;
-            let z = zero_shot::evaluate_source(
-                model,
-                &c.data.eval_source,
-                &c.eval.classes,
-                c.eval.samples,
-                64,
-                size,
-                |_| {},
-            )?;
-            out.push(("eval/zero_shot_top1".to_string(), z.top1));
+        let sets = c.eval.classes.split(',').map(str::trim).filter(|s| !s.is_empty());
+        for set in sets.filter(|_| model.config.train_clip) {
+            let (source, n, size) = (&c.data.eval_source, c.eval.samples, c.data.clip_size as u32);
+            let z = zero_shot::evaluate_source(model, source, set, n, 64, size, |_| {})?;
+            out.push((format!("eval/zero_shot_top1/{set}"), z.top1));
         }
         let metrics = ReconMetrics { inception: None, lpips: None, size: c.data.recon_size as u32, batch: 32 };
         let r = recon::evaluate_source(model, &c.data.eval_source, c.eval.samples, &metrics, |_| {})?;

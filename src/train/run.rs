@@ -182,6 +182,9 @@ pub fn run(trainer: &mut dyn Trainer, opts: &RunOptions, run_dir: &Path, resume:
         if due(opts.log_every) || step == opts.steps {
             let scalars = window.take();
             bar.set_message(bar_message(&scalars));
+            if bar.is_hidden() {
+                eprintln!("step {step}/{} {}", opts.steps, bar_message(&scalars));
+            }
             log(&mut metrics, step, &scalars)?;
         }
         if due(opts.eval_every) || step == opts.steps {

@@ -1,0 +1,661 @@
+//! Stage 2, `vtp finetune-decoder` (spec §4.7): the visual tokenizer (encoder + bottleneck, hence the
+//! latent space) is frozen and only the pixel decoder is trained, with LightningDiT's / LDM's
+//! `LPIPSWithDiscriminator` objective ([`super::discriminator`]):
+//! `L_G = L1 + w_p·LPIPS + w·disc_factor·(−mean D(x̂))` on the decoder and the hinge loss on a
+//! PatchGAN discriminator, each with its own AdamW, on the shared run loop ([`super::run`]).
+//!
+//! One step: latents of the batch under no_grad, the decoder's reconstruction `x̂`, the generator
+//! loss and its backward (decoder gradients only reach the decoder's AdamW), then, from
+//! `loss.disc_start` on, the discriminator's hinge loss on `x` and `x̂.detach()` and its backward.
+//! Both updates are applied only when every loss and gradient norm is finite, so a skipped step
+//! changes nothing. (The reference trains with Lightning's two-optimiser loop, which re-decodes the
+//! batch with the just-updated decoder for the discriminator step; here the discriminator sees the
+//! step's own reconstruction, the common manual-optimisation variant, which keeps steps atomic.)
+//! Before `disc_start` the adversarial term and the discriminator step are skipped altogether (the
+//! reference multiplies them by `disc_factor = 0`, which leaves every weight where it is).
+use super::batch::render;
+use super::checkpoint::restore_into;
+use super::config::{
+    commented_toml, key_doc, load_layered, CheckpointConfig, DebugConfig, EvalConfig, LogConfig, TrainConfig,
+};
+use super::discriminator::{adaptive_weight, generator_loss, hinge_d_loss, NLayerDiscriminator};
+use super::feed::{DataFeed, FeedPosition};
+use super::objectives::recon::ReconLoss;
+use super::optim::{clip_grad_norm, dinov2_multipliers, AdamW, AdamWConfig, ParamSpec};
+use super::pretrain::{save_grid, step_seed};
+use super::run::{RunOptions, StepReport, Trainer};
+use super::schedule::CosineScheduler;
+use crate::data::augment::{Augment, ReconCrop};
+use crate::data::image::{prepare_rgb, Fit};
+use crate::data::source::{self, StreamOptions};
+use crate::eval::recon::{self, ReconMetrics};
+use crate::eval::zero_shot;
+use crate::model::VtpModel;
+use anyhow::{bail, Context, Result};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{nn, Device, Kind, Tensor};
+
+/// Names accepted by [`FinetuneConfig::preset`].
+pub const FINETUNE_PRESETS: [&str; 2] = ["tiny", "default"];
+
+/// Prefix of the trained parameters' official names: the pixel decoder.
+pub const DECODER_PREFIX: &str = "pixel_decoder.";
+
+/// The decoder's last layer, on which the adaptive weight is computed (spec §1.4: the final 1×1 conv).
+pub const LAST_LAYER: &str = "pixel_decoder.proj_out.weight";
+
+/// `[data]`: training and held-out sources and the reconstruction crop.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneDataConfig {
+    pub source: String,
+    pub eval_source: String,
+    pub workers: usize,
+    pub shuffle_buffer: usize,
+    pub recon_size: i64,
+}
+
+/// `[batch]`: images per step.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneBatchConfig {
+    pub size: usize,
+}
+
+/// `[loss]`: `LPIPSWithDiscriminator`'s settings (spec §4.7).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GanLossConfig {
+    pub lpips: bool,
+    pub perceptual_weight: f64,
+    pub disc_weight: f64,
+    pub disc_start: u64,
+    pub disc_layers: i64,
+    pub disc_channels: i64,
+}
+
+/// `[optim]`: the two AdamWs (decoder and discriminator) and gradient clipping.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneOptimConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub clip_grad: f64,
+    pub disc_lr_mult: f64,
+}
+
+/// `[schedule]`: the learning rate (linear warm-up from 0, then cosine to `min_lr`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LrScheduleConfig {
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+}
+
+/// The whole stage-2 run (`vtp finetune-decoder`), one section per concern; `model` is the
+/// tokenizer being fine-tuned (`--model`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    pub preset: String,
+    pub model: String,
+    pub train: TrainConfig,
+    pub data: FinetuneDataConfig,
+    pub batch: FinetuneBatchConfig,
+    pub loss: GanLossConfig,
+    pub optim: FinetuneOptimConfig,
+    pub schedule: LrScheduleConfig,
+    pub eval: EvalConfig,
+    pub log: LogConfig,
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub debug: DebugConfig,
+}
+
+impl FinetuneConfig {
+    /// The default config of a preset (`model` empty: it comes from `--model`).
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "tiny" => Ok(Self::tiny()),
+            "default" => Ok(Self::default_preset()),
+            _ => bail!("unknown preset '{name}' (expected one of {})", FINETUNE_PRESETS.join(", ")),
+        }
+    }
+
+    /// `tiny`: a few hundred steps on the built-in synthetic scenes, for a 2-core CPU.
+    fn tiny() -> Self {
+        Self {
+            preset: "tiny".into(),
+            model: String::new(),
+            train: TrainConfig { steps: 300, seed: 0, deterministic: true, max_bad_steps: 5 },
+            data: FinetuneDataConfig {
+                source: "synthetic:train?res=64".into(),
+                eval_source: "synthetic:heldout?n=64&res=64".into(),
+                workers: 2,
+                shuffle_buffer: 0,
+                recon_size: 64,
+            },
+            batch: FinetuneBatchConfig { size: 8 },
+            loss: GanLossConfig { disc_start: 100, ..GanLossConfig::ldm() },
+            optim: FinetuneOptimConfig::ldm(),
+            schedule: LrScheduleConfig { lr: 5e-4, min_lr: 5e-5, warmup_steps: 20 },
+            eval: EvalConfig { every: 100, samples: 64, classes: String::new(), grid_every: 100, grid_images: 8 },
+            log: LogConfig { every: 10 },
+            checkpoint: CheckpointConfig { every: 100, keep: 2 },
+            debug: DebugConfig::default(),
+        }
+    }
+
+    /// `default`: the LDM recipe at 256 px for a released tokenizer; the step counts are this
+    /// project's choice (the paper publishes none, spec §4.7).
+    fn default_preset() -> Self {
+        Self {
+            preset: "default".into(),
+            model: String::new(),
+            train: TrainConfig { steps: 50_000, seed: 0, deterministic: false, max_bad_steps: 20 },
+            data: FinetuneDataConfig {
+                source: "synthetic:train".into(),
+                eval_source: "synthetic:heldout?n=1000".into(),
+                workers: 8,
+                shuffle_buffer: 1000,
+                recon_size: 256,
+            },
+            batch: FinetuneBatchConfig { size: 32 },
+            loss: GanLossConfig::ldm(),
+            optim: FinetuneOptimConfig::ldm(),
+            schedule: LrScheduleConfig { lr: 1e-4, min_lr: 1e-4, warmup_steps: 0 },
+            eval: EvalConfig { every: 2000, samples: 1000, classes: String::new(), grid_every: 2000, grid_images: 8 },
+            log: LogConfig { every: 20 },
+            checkpoint: CheckpointConfig { every: 1000, keep: 3 },
+            debug: DebugConfig::default(),
+        }
+    }
+
+    /// A preset, then a TOML file over it, then `key=value` overrides; validated.
+    pub fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let config: Self = load_layered(Self::preset, preset, file, overrides)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what a run cannot train, with a one-line reason (the model-dependent checks are in
+    /// [`FinetuneRun::new`]).
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("train.steps", self.train.steps),
+            ("log.every", self.log.every),
+            ("data.workers", self.data.workers as u64),
+            ("batch.size", self.batch.size as u64),
+            ("loss.disc_layers", self.loss.disc_layers.max(0) as u64),
+            ("loss.disc_channels", self.loss.disc_channels.max(0) as u64),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            bail!("{name} must be at least 1");
+        }
+        self.lr_schedule().context("config [schedule]")?;
+        Ok(())
+    }
+
+    /// The learning-rate schedule over `train.steps`.
+    pub fn lr_schedule(&self) -> Result<CosineScheduler> {
+        let s = &self.schedule;
+        CosineScheduler::new(s.lr, s.min_lr, self.train.steps, s.warmup_steps, 0.0, 0)
+    }
+
+    /// The loop settings of this config.
+    pub fn run_options(&self) -> RunOptions {
+        RunOptions {
+            steps: self.train.steps,
+            log_every: self.log.every,
+            eval_every: self.eval.every,
+            grid_every: self.eval.grid_every,
+            checkpoint_every: self.checkpoint.every,
+            keep: self.checkpoint.keep,
+            max_bad_steps: self.train.max_bad_steps,
+            stop_after: None,
+        }
+    }
+
+    /// The config as commented TOML: every key preceded by what it means (`--print-config`).
+    pub fn to_commented_toml(&self) -> Result<String> {
+        commented_toml(self, FINETUNE_HEADER, finetune_key_doc)
+    }
+}
+
+impl GanLossConfig {
+    /// `LPIPSWithDiscriminator`'s defaults (LDM / VA-VAE): `w_p = 1`, `disc_weight = 0.5`, a 3-layer,
+    /// 64-channel PatchGAN; the discriminator starts at step 5000 (LDM's autoencoders use 50k, VA-VAE 1:
+    /// [unknown] for VTP).
+    fn ldm() -> Self {
+        Self {
+            lpips: true,
+            perceptual_weight: 1.0,
+            disc_weight: 0.5,
+            disc_start: 5000,
+            disc_layers: 3,
+            disc_channels: 64,
+        }
+    }
+}
+
+impl FinetuneOptimConfig {
+    /// LDM's `Adam(betas = (0.5, 0.9))` for both networks, no weight decay, no clipping, the same lr.
+    fn ldm() -> Self {
+        Self { beta1: 0.5, beta2: 0.9, eps: 1e-8, weight_decay: 0.0, clip_grad: 0.0, disc_lr_mult: 1.0 }
+    }
+
+    /// The AdamW hyper-parameters.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps }
+    }
+
+    /// The clipping threshold for [`clip_grad_norm`] (0 = off: the norm is only measured).
+    fn max_norm(&self) -> f64 {
+        if self.clip_grad > 0.0 {
+            self.clip_grad
+        } else {
+            f64::INFINITY
+        }
+    }
+}
+
+/// The first lines of `vtp finetune-decoder --print-config`.
+const FINETUNE_HEADER: &str = "# vtp finetune-decoder configuration (spec §4.7): the encoder and bottleneck are frozen, the pixel\n# decoder is trained with L1 + LPIPS + a PatchGAN (LDM `LPIPSWithDiscriminator`).\n";
+
+/// What each key of [`FinetuneConfig`] means; keys shared with `vtp pretrain` fall back to its table.
+pub fn finetune_key_doc(path: &str) -> &'static str {
+    FINETUNE_KEY_DOCS.iter().find(|(k, _)| *k == path).map_or_else(|| key_doc(path), |(_, d)| *d)
+}
+
+const FINETUNE_KEY_DOCS: &[(&str, &str)] = &[
+    ("preset", "the preset these defaults come from: tiny (2-core CPU, synthetic data) or default (LDM recipe, 256 px)"),
+    ("model", "the tokenizer to fine-tune (--model): a released-format folder or hf:ORG/NAME; only its pixel decoder changes"),
+    ("train.seed", "seed of every random draw (data order, crops, discriminator init)"),
+    ("data.eval_source", "held-out data SPEC of the online evaluation (PSNR, SSIM) and the reconstruction grid"),
+    ("data.recon_size", "crop side (random square crop, flipped); a multiple of the patch size"),
+    ("batch.size", "images per step (both the decoder and the discriminator step)"),
+    ("loss.lpips", "add LPIPS-VGG to L1 (needs its weight files; without them L1 alone, said once and recorded)"),
+    ("loss.perceptual_weight", "weight w_p of LPIPS in L_rec = L1 + w_p·LPIPS [LDM: 1]"),
+    ("loss.disc_weight", "factor on the adaptive weight of the generator's adversarial term [LDM: 0.5]"),
+    ("loss.disc_start", "0-based step from which the adversarial term and the discriminator are trained [unknown for VTP]"),
+    ("loss.disc_layers", "strided layers of the PatchGAN discriminator [LDM: 3]"),
+    ("loss.disc_channels", "base channels of the PatchGAN discriminator (doubled per layer, capped at 8x) [LDM: 64]"),
+    ("optim.beta1", "AdamW beta1 of both optimisers [LDM: 0.5]"),
+    ("optim.beta2", "AdamW beta2 of both optimisers [LDM: 0.9]"),
+    ("optim.eps", "AdamW epsilon of both optimisers [LDM: 1e-8]"),
+    ("optim.weight_decay", "decoupled weight decay of both optimisers, not on biases and norms [LDM: 0]"),
+    ("optim.clip_grad", "gradient-norm clipping threshold of each network, 0 = off [LDM: off]"),
+    ("optim.disc_lr_mult", "discriminator lr = this x the decoder's lr [LDM: 1]"),
+    ("schedule.lr", "decoder learning rate after warm-up [LDM: 1e-4 base, constant]"),
+    ("schedule.min_lr", "final learning rate of the cosine decay (= lr: constant)"),
+    ("schedule.warmup_steps", "linear lr warm-up from 0"),
+    ("eval.every", "online evaluation (PSNR, SSIM on data.eval_source) every N steps, 0 = off"),
+    ("eval.classes", "zero-shot class set also evaluated (it must not move: the encoder is frozen); \"\" = off"),
+];
+
+/// The first `n` images of `spec` centre-cropped to `size` (`[n, 3, size, size]`, ImageNet-normalised),
+/// for a reconstruction grid; an empty source is an error.
+pub fn read_grid_inputs(spec: &str, n: usize, patch: i64, size: i64) -> Result<Tensor> {
+    let images: Vec<Tensor> = source::open(spec, &StreamOptions::default())?
+        .take(n)
+        .map(|s| {
+            let img = prepare_rgb(&s?.image, patch as u32, Fit::AdmCenterCrop(size as u32))?;
+            Ok(Tensor::from_slice(&img.data).view([3, img.height as i64, img.width as i64]))
+        })
+        .collect::<Result<_>>()?;
+    if images.is_empty() {
+        bail!("the evaluation source '{spec}' yields no images");
+    }
+    Ok(Tensor::stack(&images, 0))
+}
+
+/// Writes the grid of `inputs` (top row) and `model`'s reconstructions (bottom row) to `path`.
+pub fn save_reconstruction_grid(model: &VtpModel, inputs: &Tensor, path: &Path) -> Result<()> {
+    let outputs = tch::no_grad(|| -> Result<Tensor> {
+        let x = inputs.to_device(model.device());
+        model.get_latents_decoded_images(&model.get_reconstruction_latents(&x)?)
+    })?;
+    save_grid(path, &[inputs.shallow_clone(), outputs.to_device(Device::Cpu)])
+}
+
+/// The online evaluation of a tokenizer on `eval_source`: PSNR and SSIM at `recon_size`, and the
+/// zero-shot top-1 at `clip_size` when `eval.classes` names a class set and the model has CLIP.
+pub fn online_evaluation(
+    model: &VtpModel,
+    eval_source: &str,
+    eval: &EvalConfig,
+    clip_size: i64,
+    recon_size: i64,
+) -> Result<Vec<(String, f64)>> {
+    let _guard = tch::no_grad_guard();
+    let mut out = Vec::new();
+    if model.config.train_clip && !eval.classes.is_empty() {
+        let z =
+            zero_shot::evaluate_source(model, eval_source, &eval.classes, eval.samples, 64, clip_size as u32, |_| {})?;
+        out.push(("eval/zero_shot_top1".to_string(), z.top1));
+    }
+    let metrics = ReconMetrics { inception: None, lpips: None, size: recon_size as u32, batch: 32 };
+    let r = recon::evaluate_source(model, eval_source, eval.samples, &metrics, |_| {})?;
+    out.push(("eval/psnr".to_string(), r.psnr));
+    out.push(("eval/ssim".to_string(), r.ssim));
+    Ok(out)
+}
+
+/// The generator side of one step: its loss and named terms (scalars).
+struct GeneratorLosses {
+    total: Tensor,
+    terms: Vec<(&'static str, Tensor)>,
+}
+
+/// What one step computed, for its report.
+struct StepOutcome {
+    generator: GeneratorLosses,
+    /// `(d_loss, mean D(x), mean D(x̂))` from `disc_start` on.
+    disc: Option<(Tensor, Tensor, Tensor)>,
+    grad_norm: f64,
+    disc_grad_norm: f64,
+    skipped: bool,
+}
+
+/// `vtp finetune-decoder`'s run: the frozen tokenizer, its trained decoder, the discriminator, the
+/// two optimisers and the data feed.
+pub struct FinetuneRun {
+    pub config: FinetuneConfig,
+    pub model: VtpModel,
+    /// The discriminator's store (not part of the released tokenizer).
+    pub disc_vs: nn::VarStore,
+    pub disc: NLayerDiscriminator,
+    recon: ReconLoss,
+    decoder_optim: AdamW,
+    disc_optim: AdamW,
+    last_layer: Tensor,
+    lr: CosineScheduler,
+    feed: DataFeed,
+    crop: ReconCrop,
+    grid_inputs: Option<Tensor>,
+    /// A checksum of the frozen weights, stored in checkpoints: a resume must load the same tokenizer.
+    frozen_fingerprint: f64,
+}
+
+/// The model's parameters whose name starts (or not, `!decoder`) with [`DECODER_PREFIX`], sorted.
+fn named_parameters(model: &VtpModel, decoder: bool) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> =
+        model.vs.variables().into_iter().filter(|(k, _)| k.starts_with(DECODER_PREFIX) == decoder).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// Every tensor of a store, sorted by name.
+fn sorted_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// An AdamW over `named` (weight decay off for biases, norms and vectors, as in pre-training).
+fn adamw(named: Vec<(String, Tensor)>, config: AdamWConfig) -> AdamW {
+    let specs = named
+        .into_iter()
+        .map(|(name, tensor)| {
+            let (lr_mult, wd_mult, _) = dinov2_multipliers(&name, tensor.dim(), 0, 1.0, 1.0);
+            ParamSpec { name, tensor, lr_mult, wd_mult, is_last_layer: false }
+        })
+        .collect();
+    AdamW::new(specs, config)
+}
+
+/// The sum of the frozen weights in f64 (deterministic for the same weights on the same device).
+fn fingerprint(frozen: &[(String, Tensor)]) -> f64 {
+    tch::no_grad(|| frozen.iter().map(|(_, t)| t.to_kind(Kind::Double).sum(Kind::Double).double_value(&[])).sum())
+}
+
+/// Whether a scalar tensor is finite.
+fn finite(t: &Tensor) -> bool {
+    t.double_value(&[]).is_finite()
+}
+
+impl FinetuneRun {
+    /// A fresh run of `config` on the tokenizer `model` with the reconstruction loss `recon`: the
+    /// encoder, bottleneck and every other non-decoder weight frozen, the discriminator seeded by
+    /// `train.seed`.
+    pub fn new(config: FinetuneConfig, model: VtpModel, recon: ReconLoss) -> Result<Self> {
+        check_model(&config, &model)?;
+        let frozen = named_parameters(&model, false);
+        for (_, t) in &frozen {
+            let _ = t.set_requires_grad(false);
+        }
+        let frozen_fingerprint = fingerprint(&frozen);
+        tch::manual_seed(config.train.seed as i64);
+        let disc_vs = nn::VarStore::new(model.device());
+        let l = &config.loss;
+        let disc = NLayerDiscriminator::new(&disc_vs.root() / "discriminator", 3, l.disc_channels, l.disc_layers);
+        let d_out = disc.output_size(config.data.recon_size);
+        if d_out < 1 {
+            bail!(
+                "data.recon_size = {} is too small for a {}-layer discriminator (its output would be {d_out} pixels)",
+                config.data.recon_size,
+                l.disc_layers
+            );
+        }
+        let adam = config.optim.adamw();
+        let decoder_optim = adamw(named_parameters(&model, true), adam);
+        let disc_optim = adamw(sorted_variables(&disc_vs), adam);
+        let last_layer = model.vs.variables().remove(LAST_LAYER).context("the model has no pixel decoder")?;
+        let feed = DataFeed::open(&config.data.source, stream_options(&config), None)?;
+        Ok(Self {
+            lr: config.lr_schedule()?,
+            crop: ReconCrop::new(config.data.recon_size),
+            config,
+            model,
+            disc_vs,
+            disc,
+            recon,
+            decoder_optim,
+            disc_optim,
+            last_layer,
+            feed,
+            grid_inputs: None,
+            frozen_fingerprint,
+        })
+    }
+
+    /// The loop settings of this run's config.
+    pub fn run_options(&self) -> RunOptions {
+        self.config.run_options()
+    }
+
+    /// The generator loss of the reconstruction `x̂` of `images`: `L_rec = L1 + w_p·LPIPS`, plus the
+    /// adaptively weighted `−mean D(x̂)` when `adversarial`.
+    fn generator_losses(&self, images: &Tensor, recon: &Tensor, adversarial: bool) -> Result<GeneratorLosses> {
+        let l = &self.config.loss;
+        let r = self.recon.forward(images, recon)?;
+        let mut rec = r.l1.shallow_clone();
+        let mut terms = vec![("rec_l1", r.l1)];
+        if let Some(p) = r.lpips {
+            rec = rec + &p * l.perceptual_weight;
+            terms.push(("rec_lpips", p));
+        }
+        terms.push(("rec", rec.shallow_clone()));
+        if !adversarial {
+            return Ok(GeneratorLosses { total: rec, terms });
+        }
+        let g = generator_loss(&self.disc.forward(recon));
+        let w = adaptive_weight(&rec, &g, &self.last_layer, l.disc_weight);
+        let total = &rec + &w * &g;
+        terms.push(("g", g));
+        terms.push(("d_weight", w));
+        Ok(GeneratorLosses { total, terms })
+    }
+
+    /// The discriminator's hinge loss on real `images` and detached `fake`s, and its mean logits.
+    fn disc_losses(&self, images: &Tensor, fake: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let real = self.disc.forward(images);
+        let fake = self.disc.forward(fake);
+        (hinge_d_loss(&real, &fake), real.mean(Kind::Float), fake.mean(Kind::Float))
+    }
+
+    /// One step on `images` at `step` with learning rate `lr` (see the module doc); `inject_nan`
+    /// (tests) makes the generator loss NaN.
+    fn step(&mut self, images: &Tensor, step: u64, lr: f64, inject_nan: bool) -> Result<StepOutcome> {
+        let adversarial = step >= self.config.loss.disc_start;
+        let max_norm = self.config.optim.max_norm();
+        self.decoder_optim.zero_grad();
+        let latents = tch::no_grad(|| self.model.get_reconstruction_latents(images))?;
+        let recon = self.model.get_latents_decoded_images(&latents)?;
+        let mut generator = self.generator_losses(images, &recon, adversarial)?;
+        if inject_nan {
+            generator.total = &generator.total * f64::NAN;
+        }
+        let mut grad_norm = f64::NAN;
+        if finite(&generator.total) {
+            generator.total.backward();
+            grad_norm = clip_grad_norm(&params(&self.decoder_optim), max_norm);
+        }
+        // The generator's backward also reached the discriminator: those gradients are dropped.
+        self.disc_optim.zero_grad();
+        let disc = adversarial.then(|| self.disc_losses(images, &recon.detach()));
+        let mut disc_grad_norm = 0.0;
+        if let Some((d_loss, _, _)) = &disc {
+            disc_grad_norm = f64::NAN;
+            if finite(d_loss) {
+                d_loss.backward();
+                disc_grad_norm = clip_grad_norm(&params(&self.disc_optim), max_norm);
+            }
+        }
+        let skipped = !grad_norm.is_finite() || !disc_grad_norm.is_finite();
+        if skipped {
+            self.decoder_optim.zero_grad();
+            self.disc_optim.zero_grad();
+        } else {
+            let wd = self.config.optim.weight_decay;
+            self.decoder_optim.step(lr, wd, lr);
+            if adversarial {
+                let disc_lr = lr * self.config.optim.disc_lr_mult;
+                self.disc_optim.step(disc_lr, wd, disc_lr);
+            }
+        }
+        Ok(StepOutcome { generator, disc, grad_norm, disc_grad_norm, skipped })
+    }
+
+    /// The step's scalars: every loss term, the discriminator's logits, lr and gradient norms.
+    fn scalars(&self, o: &StepOutcome, lr: f64) -> Vec<(String, f64)> {
+        let mut out = vec![("loss/total".to_string(), o.generator.total.double_value(&[]))];
+        for (k, v) in &o.generator.terms {
+            let name = if *k == "d_weight" { k.to_string() } else { format!("loss/{k}") };
+            out.push((name, v.double_value(&[])));
+        }
+        if let Some((d, real, fake)) = &o.disc {
+            out.push(("loss/d".into(), d.double_value(&[])));
+            out.push(("disc/logits_real".into(), real.double_value(&[])));
+            out.push(("disc/logits_fake".into(), fake.double_value(&[])));
+            out.push(("disc_grad_norm".into(), o.disc_grad_norm));
+        }
+        out.push(("lr".into(), lr));
+        out.push(("grad_norm".into(), o.grad_norm));
+        out.push(("data/skipped_samples".into(), self.feed.skipped().total() as f64));
+        out
+    }
+
+    /// Every tensor a checkpoint holds: the decoder, the discriminator and both optimisers' moments.
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = named_parameters(&self.model, true);
+        out.extend(sorted_variables(&self.disc_vs));
+        out.extend(self.decoder_optim.state_tensors());
+        out.extend(self.disc_optim.state_tensors());
+        out
+    }
+}
+
+/// The optimised tensors of `optim`.
+fn params(optim: &AdamW) -> Vec<Tensor> {
+    optim.params().iter().map(|p| p.tensor.shallow_clone()).collect()
+}
+
+/// The model-dependent checks: a pixel decoder, a crop that is a multiple of the patch size.
+fn check_model(config: &FinetuneConfig, model: &VtpModel) -> Result<()> {
+    if model.pixel_decoder.is_none() {
+        bail!("model '{}' has no pixel decoder (train_reconstruction = false)", config.model);
+    }
+    let (p, s) = (model.config.vision_patch_size, config.data.recon_size);
+    if s < p || s % p != 0 {
+        bail!("data.recon_size = {s} must be a positive multiple of the patch size {p}");
+    }
+    Ok(())
+}
+
+/// The stream options of the training source.
+fn stream_options(c: &FinetuneConfig) -> StreamOptions {
+    StreamOptions {
+        workers: c.data.workers,
+        shuffle_buffer: c.data.shuffle_buffer,
+        seed: c.train.seed,
+        ..StreamOptions::default()
+    }
+}
+
+impl Trainer for FinetuneRun {
+    fn train_step(&mut self, step: u64) -> Result<StepReport> {
+        let seed = step_seed(self.config.train.seed, step);
+        tch::manual_seed(seed as i64);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let samples = self.feed.next_batch(self.config.batch.size)?;
+        let crop = self.crop;
+        let images = render(samples.iter().collect(), &mut rng, |s, r| crop.apply(&s.image, r));
+        let lr = self.lr.value(step);
+        let inject_nan = self.config.debug.nan_at_steps.contains(&step);
+        let outcome = self.step(&images.to_device(self.model.device()), step, lr, inject_nan)?;
+        Ok(StepReport { scalars: self.scalars(&outcome, lr), images: samples.len(), skipped: outcome.skipped })
+    }
+
+    fn evaluate(&mut self, _step: u64) -> Result<Vec<(String, f64)>> {
+        let c = &self.config;
+        online_evaluation(&self.model, &c.data.eval_source, &c.eval, c.data.recon_size, c.data.recon_size)
+    }
+
+    fn snapshot(&mut self, step: u64, dir: &Path) -> Result<PathBuf> {
+        if self.grid_inputs.is_none() {
+            let c = &self.config;
+            let patch = self.model.config.vision_patch_size;
+            self.grid_inputs =
+                Some(read_grid_inputs(&c.data.eval_source, c.eval.grid_images, patch, c.data.recon_size)?);
+        }
+        let path = dir.join(format!("recon-{step:08}.png"));
+        save_reconstruction_grid(&self.model, self.grid_inputs.as_ref().expect("just read"), &path)?;
+        Ok(path)
+    }
+
+    fn checkpoint(&self) -> (Vec<(String, Tensor)>, serde_json::Value) {
+        let state = serde_json::json!({
+            "feed": self.feed.position(),
+            "config": self.config,
+            "frozen_fingerprint": self.frozen_fingerprint,
+        });
+        (self.state_tensors(), state)
+    }
+
+    fn restore(&mut self, tensors: &HashMap<String, Tensor>, state: &serde_json::Value) -> Result<()> {
+        if state["frozen_fingerprint"].as_f64() != Some(self.frozen_fingerprint) {
+            bail!("--resume: the checkpoint was trained on another tokenizer than '{}'", self.config.model);
+        }
+        let mut live = named_parameters(&self.model, true);
+        live.extend(sorted_variables(&self.disc_vs));
+        restore_into(&live, tensors, "")?;
+        self.decoder_optim.load_state_tensors(tensors)?;
+        self.disc_optim.load_state_tensors(tensors)?;
+        let position: FeedPosition =
+            serde_json::from_value(state["feed"].clone()).context("the checkpoint's data position is unreadable")?;
+        self.feed = DataFeed::open(&self.config.data.source, stream_options(&self.config), Some(&position))?;
+        Ok(())
+    }
+
+    fn export(&self, dir: &Path) -> Result<()> {
+        self.model.save(dir)
+    }
+}

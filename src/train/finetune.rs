@@ -275,8 +275,14 @@ pub fn finetune_key_doc(path: &str) -> &'static str {
 }
 
 const FINETUNE_KEY_DOCS: &[(&str, &str)] = &[
-    ("preset", "the preset these defaults come from: tiny (2-core CPU, synthetic data) or default (LDM recipe, 256 px)"),
-    ("model", "the tokenizer to fine-tune (--model): a released-format folder or hf:ORG/NAME; only its pixel decoder changes"),
+    (
+        "preset",
+        "the preset these defaults come from: tiny (2-core CPU, synthetic data) or default (LDM recipe, 256 px)",
+    ),
+    (
+        "model",
+        "the tokenizer to fine-tune (--model): a released-format folder or hf:ORG/NAME; only its pixel decoder changes",
+    ),
     ("train.seed", "seed of every random draw (data order, crops, discriminator init)"),
     ("data.eval_source", "held-out data SPEC of the online evaluation (PSNR, SSIM) and the reconstruction grid"),
     ("data.recon_size", "crop side (random square crop, flipped); a multiple of the patch size"),
@@ -284,7 +290,10 @@ const FINETUNE_KEY_DOCS: &[(&str, &str)] = &[
     ("loss.lpips", "add LPIPS-VGG to L1 (needs its weight files; without them L1 alone, said once and recorded)"),
     ("loss.perceptual_weight", "weight w_p of LPIPS in L_rec = L1 + w_p·LPIPS [LDM: 1]"),
     ("loss.disc_weight", "factor on the adaptive weight of the generator's adversarial term [LDM: 0.5]"),
-    ("loss.disc_start", "0-based step from which the adversarial term and the discriminator are trained [unknown for VTP]"),
+    (
+        "loss.disc_start",
+        "0-based step from which the adversarial term and the discriminator are trained [unknown for VTP]",
+    ),
     ("loss.disc_layers", "strided layers of the PatchGAN discriminator [LDM: 3]"),
     ("loss.disc_channels", "base channels of the PatchGAN discriminator (doubled per layer, capped at 8x) [LDM: 64]"),
     ("optim.beta1", "AdamW beta1 of both optimisers [LDM: 0.5]"),

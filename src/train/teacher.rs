@@ -62,12 +62,15 @@ impl Teacher {
         })
     }
 
-    /// The EMA update `θ_t ← m·θ_t + (1 − m)·θ_s` (DINOv2: `_foreach_mul_` then `_foreach_add_`).
+    /// The EMA update `θ_t ← m·θ_t + (1 − m)·θ_s` (DINOv2: `_foreach_mul_(m)` then
+    /// `_foreach_add_(s, alpha = 1 − m)`). The add is ATen's fused `t + α·s` (one rounding), which
+    /// `addcmul_` with a 0-dim `α` reproduces bit for bit; `t + (α·s)` would round twice.
     pub fn ema_update(&self, student: &HashMap<String, Tensor>, momentum: f64) -> Result<()> {
         tch::no_grad(|| {
+            let alpha = Tensor::from((1.0 - momentum) as f32);
             for (mut t, s) in self.pairs(student)? {
                 let _ = t.g_mul_scalar_(momentum);
-                let _ = t.g_add_(&(s * (1.0 - momentum)));
+                let _ = t.addcmul_(s, &alpha.to_device(s.device()));
             }
             Ok(())
         })

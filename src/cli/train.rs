@@ -37,7 +37,7 @@ pub struct RunArgs {
     /// TOML config over the preset's defaults (see --print-config for every key).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Dotted overrides, e.g. `train.steps=100 checkpoint.every=50 batch.clip=32`.
+    /// Dotted overrides, e.g. `train.steps=100 checkpoint.every=50`.
     #[arg(value_name = "KEY=VALUE")]
     overrides: Vec<String>,
     /// Run directory: config.toml, metrics.jsonl, tensorboard/, plots/, samples/, checkpoints/, model/.

@@ -485,12 +485,13 @@ impl FinetuneRun {
     fn generator_losses(&self, images: &Tensor, recon: &Tensor, adversarial: bool) -> Result<GeneratorLosses> {
         let l = &self.config.loss;
         let r = self.recon.forward(images, recon)?;
-        let mut rec = r.l1.shallow_clone();
+        // Out of place: `r.l1` is reported as its own term.
+        let rec = match &r.lpips {
+            Some(p) => &r.l1 + p * l.perceptual_weight,
+            None => r.l1.shallow_clone(),
+        };
         let mut terms = vec![("rec_l1", r.l1)];
-        if let Some(p) = r.lpips {
-            rec = rec + &p * l.perceptual_weight;
-            terms.push(("rec_lpips", p));
-        }
+        terms.extend(r.lpips.map(|p| ("rec_lpips", p)));
         terms.push(("rec", rec.shallow_clone()));
         if !adversarial {
             return Ok(GeneratorLosses { total: rec, terms });

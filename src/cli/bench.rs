@@ -1,20 +1,62 @@
-//! `vtp bench`: images/s of `reconstruct` (encode + decode under no-grad) on random input, printed as
-//! one JSON line in the format of `../shared/bench/pytorch_vtp.py` so both can be compared.
+//! `vtp bench`: images/s on random or synthetic input, printed as one JSON line in the format of
+//! `../shared/bench/pytorch_vtp.py` so both can be compared. `--mode reconstruct` (default) times
+//! encode + decode under no-grad; `--mode pretrain-step` one all-objectives `Pretrainer::step` and
+//! `--mode recon-step` one reconstruction-only step (`objectives = ae`), both with the L1-only
+//! reconstruction loss and no stochastic depth (as `benches/pytorch_pretrain.py` and
+//! `pytorch_vtp.py --mode train-step`), on one batch built once from the synthetic source.
 use super::ModelArgs;
-use anyhow::Result;
-use clap::Args;
+use crate::data::source::{self, StreamOptions};
+use crate::data::Sample;
+use crate::train::batch::{BatchBuilder, PretrainBatch};
+use crate::train::config::PretrainConfig;
+use crate::train::objectives::recon::ReconLoss;
+use crate::train::pretrain::Pretrainer;
+use crate::train::schedule::Schedules;
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
+
+/// What `vtp bench` times.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchMode {
+    /// Encode + decode of `--batch` random `--size`² images under no-grad.
+    Reconstruct,
+    /// One all-objectives pre-training step: `--batch` CLIP pairs at `--size`, SSL and reconstruction
+    /// subsets in the paper's 16k:4k:2k ratio (`batch.ssl = max(2, B/4)`, `batch.recon = max(1, B/8)`),
+    /// the preset's global / local crops.
+    PretrainStep,
+    /// One reconstruction-only step (`objectives = ae`) on `--batch` crops of `--size`².
+    ReconStep,
+}
+
+impl BenchMode {
+    /// The name printed in the JSON line (the `--mode` value).
+    fn name(self) -> &'static str {
+        match self {
+            BenchMode::Reconstruct => "reconstruct",
+            BenchMode::PretrainStep => "pretrain-step",
+            BenchMode::ReconStep => "recon-step",
+        }
+    }
+}
 
 /// Arguments of `vtp bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Image side.
+    /// What to time. The training modes build a random model of the pre-training preset `--preset`
+    /// (tiny, small, base, large) and record the resident memory after steps 20 and 200 when the
+    /// run is that long (a leak check).
+    #[arg(long, value_enum, default_value_t = BenchMode::Reconstruct)]
+    mode: BenchMode,
+    /// Image side (training modes: the CLIP and reconstruction crops).
     #[arg(long, default_value_t = 256)]
     size: i64,
-    /// Batch size.
+    /// Batch size (pretrain-step: the CLIP pairs per step).
     #[arg(long, default_value_t = 4)]
     batch: i64,
     /// Timed iterations (the median is reported).
@@ -23,10 +65,21 @@ pub struct BenchArgs {
     /// Untimed warm-up iterations.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Training modes: `key=value` overrides of the pre-training config, applied last (e.g. `batch.ssl=4`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 /// Run the benchmark and print one JSON line.
 pub fn bench(a: &BenchArgs, device: Device) -> Result<()> {
+    match a.mode {
+        BenchMode::Reconstruct => bench_reconstruct(a, device),
+        BenchMode::PretrainStep | BenchMode::ReconStep => bench_train_step(a, device),
+    }
+}
+
+/// `--mode reconstruct`.
+fn bench_reconstruct(a: &BenchArgs, device: Device) -> Result<()> {
     let model = a.model.load(device)?;
     tch::manual_seed(a.model.seed + 1);
     let x = Tensor::randn([a.batch, 3, a.size, a.size], (Kind::Float, device));
@@ -34,9 +87,7 @@ pub fn bench(a: &BenchArgs, device: Device) -> Result<()> {
     for i in 0..a.warmup + a.iters {
         let t0 = Instant::now();
         let y = model.get_latents_decoded_images(&model.get_reconstruction_latents(&x)?)?;
-        if let Device::Cuda(_) = device {
-            tch::Cuda::synchronize(0);
-        }
+        synchronize(device);
         drop(y);
         if i >= a.warmup {
             times.push(t0.elapsed().as_secs_f64());
@@ -52,4 +103,93 @@ pub fn bench(a: &BenchArgs, device: Device) -> Result<()> {
     });
     println!("{line}");
     Ok(())
+}
+
+/// The pre-training config of a training mode: the preset, the mode's batch and crop sizes, the
+/// L1-only reconstruction loss, no stochastic depth, then `--set`.
+fn train_config(a: &BenchArgs) -> Result<PretrainConfig> {
+    if a.model.model.is_some() {
+        bail!("--mode {} trains a random --preset model; --model is not supported", a.mode.name());
+    }
+    let (b, s) = (a.batch, a.size);
+    let mut overrides = match a.mode {
+        BenchMode::PretrainStep => vec![
+            format!("batch.clip={b}"),
+            format!("batch.ssl={}", (b / 4).max(2)),
+            format!("batch.recon={}", (b / 8).max(1)),
+            format!("data.clip_size={s}"),
+        ],
+        _ => vec!["objectives=ae".into(), format!("batch.clip={b}"), "batch.ssl=0".into(), format!("batch.recon={b}")],
+    };
+    overrides.push(format!("data.recon_size={s}"));
+    for o in ["loss.lpips=false", "loss.clip_drop_path=0.0", "loss.ssl_drop_path=0.0", "loss.rec_drop_path=0.0"] {
+        overrides.push(o.into());
+    }
+    overrides.extend(a.set.iter().cloned());
+    PretrainConfig::load(&a.model.preset, None, &overrides)
+}
+
+/// One batch of `config` built from synthetic samples large enough for every crop.
+fn synthetic_batch(config: &PretrainConfig, seed: u64) -> Result<PretrainBatch> {
+    let d = &config.data;
+    let res = [d.clip_size, d.global_size, d.recon_size].into_iter().max().unwrap_or(d.recon_size);
+    let spec = format!("synthetic:train?n={}&res={res}", config.batch.clip);
+    let samples: Vec<Sample> = source::open(&spec, &StreamOptions::default())?.collect::<Result<_>>()?;
+    let c = config;
+    let builder =
+        BatchBuilder::new(&c.data, &c.batch, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
+    Ok(builder.build(&samples, &mut ChaCha8Rng::seed_from_u64(seed)))
+}
+
+/// `--mode pretrain-step` / `recon-step`: times `Pretrainer::step` (with gradients) on one batch.
+fn bench_train_step(a: &BenchArgs, device: Device) -> Result<()> {
+    let config = train_config(a)?;
+    let seed = a.model.seed as u64;
+    let batch = synthetic_batch(&config, seed)?.to_device(device);
+    let schedules = Schedules::new(&config.schedule, config.train.steps)?;
+    let mut trainer = Pretrainer::new(config.clone(), ReconLoss::new(None), device)?;
+    let (mut times, mut rss) = (Vec::with_capacity(a.iters), serde_json::Map::new());
+    for i in 0..a.warmup + a.iters {
+        let t0 = Instant::now();
+        let (_, _, skipped) = tch::with_grad(|| trainer.step(&batch, &schedules.at(i as u64), false))?;
+        synchronize(device);
+        if skipped {
+            bail!("step {i} had a non-finite loss or gradient");
+        }
+        if i >= a.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        if [20, 200].contains(&(i + 1)) {
+            rss.insert(format!("rss_after_{}_mib", i + 1), proc_status_mib("VmRSS").into());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let (c, images) = (&config, if a.mode == BenchMode::PretrainStep { config.batch.clip } else { config.batch.recon });
+    let mut line = serde_json::json!({
+        "impl": "vtp-rs", "preset": c.preset, "mode": a.mode.name(), "objectives": c.objectives,
+        "batch": c.batch.clip, "batch_ssl": c.batch.ssl, "batch_recon": c.batch.recon, "clip_size": c.data.clip_size,
+        "global_size": c.data.global_size, "local_size": c.data.local_size, "n_local_crops": c.data.n_local_crops,
+        "recon_size": c.data.recon_size, "dino_out_dim": c.dino_head.out_dim, "threads": tch::get_num_threads(),
+        "device": format!("{device:?}"), "img_per_s": images as f64 / median, "s_per_iter": median,
+        "s_per_iter_min": times[0], "iters": a.iters, "warmup": a.warmup, "peak_rss_mib": proc_status_mib("VmHWM"),
+    });
+    line.as_object_mut().expect("a JSON object").extend(rss);
+    println!("{line}");
+    Ok(())
+}
+
+/// A memory field of `/proc/self/status` (`VmRSS`, `VmHWM`, …) in MiB; `None` where unavailable.
+fn proc_status_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kib / 1024.0 * 10.0).round() / 10.0)
+}
+
+/// Waits for the GPU so the timings cover the work (no-op on the CPU).
+fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
 }

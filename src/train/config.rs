@@ -253,8 +253,6 @@ impl PretrainConfig {
     /// `small` / `base` / `large`: the released architecture (spec §2.2) with the paper's batch
     /// split and loss weights and the DINOv2 / OpenCLIP defaults where VTP's are unpublished (spec §4.5).
     fn released(name: &str) -> Result<Self> {
-        // DINOv2: one "epoch" = 1250 iterations; warm-up 10 epochs, teacher temperature 30, last layer 1.
-        let epoch = 1250;
         Ok(Self {
             preset: name.into(),
             objectives: Objectives::All,
@@ -275,20 +273,9 @@ impl PretrainConfig {
             loss: LossConfig::paper(),
             dino_head: DinoHeadConfig { out_dim: 65_536, hidden_dim: 2048, bottleneck_dim: 256 },
             optim: OptimConfig::dinov2(),
-            schedule: ScheduleConfig {
-                // DINOv2's rule lr = 0.004 * sqrt(B / 1024), on the SSL batch of 4096.
-                lr: 0.008,
-                min_lr: 1e-6,
-                warmup_steps: 10 * epoch,
-                weight_decay: 0.04,
-                weight_decay_end: 0.4,
-                momentum_teacher: 0.992,
-                momentum_teacher_end: 1.0,
-                teacher_temp: 0.07,
-                warmup_teacher_temp: 0.04,
-                warmup_teacher_temp_steps: 30 * epoch,
-                freeze_last_layer_steps: epoch,
-            },
+            // DINOv2's schedules (epochs of 1250 steps), with its lr rule 0.004 * sqrt(B / 1024) applied
+            // to the SSL batch of 4096.
+            schedule: ScheduleConfig { lr: 0.008, ..ScheduleConfig::default() },
             eval: EvalConfig {
                 every: 2000,
                 samples: 1000,

@@ -21,15 +21,13 @@ use super::config::{
 use super::discriminator::{adaptive_weight, generator_loss, hinge_d_loss, NLayerDiscriminator};
 use super::feed::{DataFeed, FeedPosition};
 use super::objectives::recon::ReconLoss;
+use super::online::{online_evaluation, ReconGrid};
 use super::optim::{clip_grad_norm, dinov2_multipliers, AdamW, AdamWConfig, ParamSpec};
-use super::pretrain::{save_grid, step_seed};
+use super::pretrain::step_seed;
 use super::run::{RunOptions, StepReport, Trainer};
 use super::schedule::CosineScheduler;
 use crate::data::augment::{Augment, ReconCrop};
-use crate::data::image::{prepare_rgb, Fit};
-use crate::data::source::{self, StreamOptions};
-use crate::eval::recon::{self, ReconMetrics};
-use crate::eval::zero_shot;
+use crate::data::source::StreamOptions;
 use crate::model::VtpModel;
 use anyhow::{bail, Context, Result};
 use rand::SeedableRng;
@@ -37,7 +35,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// Names accepted by [`FinetuneConfig::preset`].
 pub const FINETUNE_PRESETS: [&str; 2] = ["tiny", "default"];
@@ -211,16 +209,7 @@ impl FinetuneConfig {
 
     /// The loop settings of this config.
     pub fn run_options(&self) -> RunOptions {
-        RunOptions {
-            steps: self.train.steps,
-            log_every: self.log.every,
-            eval_every: self.eval.every,
-            grid_every: self.eval.grid_every,
-            checkpoint_every: self.checkpoint.every,
-            keep: self.checkpoint.keep,
-            max_bad_steps: self.train.max_bad_steps,
-            stop_after: None,
-        }
+        RunOptions::from_config(&self.train, &self.log, &self.eval, &self.checkpoint)
     }
 
     /// The config as commented TOML: every key preceded by what it means (`--print-config`).
@@ -309,54 +298,6 @@ const FINETUNE_KEY_DOCS: &[(&str, &str)] = &[
     ("eval.classes", "zero-shot class set also evaluated (it must not move: the encoder is frozen); \"\" = off"),
 ];
 
-/// The first `n` images of `spec` centre-cropped to `size` (`[n, 3, size, size]`, ImageNet-normalised),
-/// for a reconstruction grid; an empty source is an error.
-pub fn read_grid_inputs(spec: &str, n: usize, patch: i64, size: i64) -> Result<Tensor> {
-    let images: Vec<Tensor> = source::open(spec, &StreamOptions::default())?
-        .take(n)
-        .map(|s| {
-            let img = prepare_rgb(&s?.image, patch as u32, Fit::AdmCenterCrop(size as u32))?;
-            Ok(Tensor::from_slice(&img.data).view([3, img.height as i64, img.width as i64]))
-        })
-        .collect::<Result<_>>()?;
-    if images.is_empty() {
-        bail!("the evaluation source '{spec}' yields no images");
-    }
-    Ok(Tensor::stack(&images, 0))
-}
-
-/// Writes the grid of `inputs` (top row) and `model`'s reconstructions (bottom row) to `path`.
-pub fn save_reconstruction_grid(model: &VtpModel, inputs: &Tensor, path: &Path) -> Result<()> {
-    let outputs = tch::no_grad(|| -> Result<Tensor> {
-        let x = inputs.to_device(model.device());
-        model.get_latents_decoded_images(&model.get_reconstruction_latents(&x)?)
-    })?;
-    save_grid(path, &[inputs.shallow_clone(), outputs.to_device(Device::Cpu)])
-}
-
-/// The online evaluation of a tokenizer on `eval_source`: PSNR and SSIM at `recon_size`, and the
-/// zero-shot top-1 at `clip_size` when `eval.classes` names a class set and the model has CLIP.
-pub fn online_evaluation(
-    model: &VtpModel,
-    eval_source: &str,
-    eval: &EvalConfig,
-    clip_size: i64,
-    recon_size: i64,
-) -> Result<Vec<(String, f64)>> {
-    let _guard = tch::no_grad_guard();
-    let mut out = Vec::new();
-    if model.config.train_clip && !eval.classes.is_empty() {
-        let z =
-            zero_shot::evaluate_source(model, eval_source, &eval.classes, eval.samples, 64, clip_size as u32, |_| {})?;
-        out.push(("eval/zero_shot_top1".to_string(), z.top1));
-    }
-    let metrics = ReconMetrics { inception: None, lpips: None, size: recon_size as u32, batch: 32 };
-    let r = recon::evaluate_source(model, eval_source, eval.samples, &metrics, |_| {})?;
-    out.push(("eval/psnr".to_string(), r.psnr));
-    out.push(("eval/ssim".to_string(), r.ssim));
-    Ok(out)
-}
-
 /// The generator side of one step: its loss and named terms (scalars).
 struct GeneratorLosses {
     total: Tensor,
@@ -388,7 +329,7 @@ pub struct FinetuneRun {
     lr: CosineScheduler,
     feed: DataFeed,
     crop: ReconCrop,
-    grid_inputs: Option<Tensor>,
+    grid: ReconGrid,
     /// A checksum of the frozen weights, stored in checkpoints: a resume must load the same tokenizer.
     frozen_fingerprint: f64,
 }
@@ -458,6 +399,8 @@ impl FinetuneRun {
         let disc_optim = adamw(sorted_variables(&disc_vs), adam);
         let last_layer = model.vs.variables().remove(LAST_LAYER).context("the model has no pixel decoder")?;
         let feed = DataFeed::open(&config.data.source, stream_options(&config), None)?;
+        let (data, eval) = (&config.data, &config.eval);
+        let grid = ReconGrid::new(&data.eval_source, eval.grid_images, model.config.vision_patch_size, data.recon_size);
         Ok(Self {
             lr: config.lr_schedule()?,
             crop: ReconCrop::new(config.data.recon_size),
@@ -470,7 +413,7 @@ impl FinetuneRun {
             disc_optim,
             last_layer,
             feed,
-            grid_inputs: None,
+            grid,
             frozen_fingerprint,
         })
     }
@@ -630,15 +573,7 @@ impl Trainer for FinetuneRun {
     }
 
     fn snapshot(&mut self, step: u64, dir: &Path) -> Result<PathBuf> {
-        if self.grid_inputs.is_none() {
-            let c = &self.config;
-            let patch = self.model.config.vision_patch_size;
-            self.grid_inputs =
-                Some(read_grid_inputs(&c.data.eval_source, c.eval.grid_images, patch, c.data.recon_size)?);
-        }
-        let path = dir.join(format!("recon-{step:08}.png"));
-        save_reconstruction_grid(&self.model, self.grid_inputs.as_ref().expect("just read"), &path)?;
-        Ok(path)
+        self.grid.save(&self.model, step, dir)
     }
 
     fn checkpoint(&self) -> (Vec<(String, Tensor)>, serde_json::Value) {

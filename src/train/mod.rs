@@ -10,6 +10,7 @@ pub mod feed;
 pub mod finetune;
 pub mod metrics;
 pub mod objectives;
+pub mod online;
 pub mod optim;
 pub mod plots;
 pub mod pretrain;

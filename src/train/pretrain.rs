@@ -14,15 +14,13 @@ use super::objectives::dino::DinoLoss;
 use super::objectives::ibot::IbotPatchLoss;
 use super::objectives::koleo::koleo_per_crop;
 use super::objectives::recon::ReconLoss;
+use super::online::{online_evaluation, ReconGrid};
 use super::optim::{clip_grad_norm, dinov2_multipliers, AdamW, ParamSpec};
 use super::run::{RunOptions, StepReport, Trainer};
 use super::schedule::{ScheduleValues, Schedules};
 use super::teacher::Teacher;
 use crate::config::ClipFeat;
-use crate::data::image::{prepare_rgb, to_rgb_image, Fit};
-use crate::data::source::{self, StreamOptions};
-use crate::eval::recon::{self, ReconMetrics};
-use crate::eval::zero_shot;
+use crate::data::source::StreamOptions;
 use crate::model::encoder::{tokens_to_map, Features};
 use crate::model::{l2_normalize, VtpModel};
 use anyhow::{Context, Result};
@@ -300,7 +298,7 @@ pub struct PretrainRun {
     feed: DataFeed,
     builder: BatchBuilder,
     schedules: Schedules,
-    grid_inputs: Option<Tensor>,
+    grid: ReconGrid,
 }
 
 impl PretrainRun {
@@ -311,23 +309,16 @@ impl PretrainRun {
         let builder =
             BatchBuilder::new(&c.data, &c.batch, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
         let schedules = Schedules::new(&c.schedule, c.train.steps)?;
+        let grid =
+            ReconGrid::new(&c.data.eval_source, c.eval.grid_images, c.model.vision_patch_size, c.data.recon_size);
         let trainer = Pretrainer::new(config, recon, device)?;
-        Ok(Self { trainer, feed, builder, schedules, grid_inputs: None })
+        Ok(Self { trainer, feed, builder, schedules, grid })
     }
 
     /// The loop settings of this run's config.
     pub fn run_options(&self) -> RunOptions {
         let c = &self.trainer.config;
-        RunOptions {
-            steps: c.train.steps,
-            log_every: c.log.every,
-            eval_every: c.eval.every,
-            grid_every: c.eval.grid_every,
-            checkpoint_every: c.checkpoint.every,
-            keep: c.checkpoint.keep,
-            max_bad_steps: c.train.max_bad_steps,
-            stop_after: None,
-        }
+        RunOptions::from_config(&c.train, &c.log, &c.eval, &c.checkpoint)
     }
 
     /// The step's scalars: every loss term, the schedules, the gradient norm, the CLIP temperature.
@@ -346,26 +337,6 @@ impl PretrainRun {
             out.push(("logit_scale".into(), s.exp().double_value(&[])));
         }
         out
-    }
-
-    /// The first `eval.grid_images` held-out images at the reconstruction size (read once).
-    fn grid_inputs(&mut self) -> Result<Tensor> {
-        if self.grid_inputs.is_none() {
-            let c = &self.trainer.config;
-            let patch = c.model.vision_patch_size as u32;
-            let images: Vec<Tensor> = source::open(&c.data.eval_source, &StreamOptions::default())?
-                .take(c.eval.grid_images)
-                .map(|s| {
-                    let img = prepare_rgb(&s?.image, patch, Fit::AdmCenterCrop(c.data.recon_size as u32))?;
-                    Ok(Tensor::from_slice(&img.data).view([3, img.height as i64, img.width as i64]))
-                })
-                .collect::<Result<_>>()?;
-            if images.is_empty() {
-                anyhow::bail!("the evaluation source '{}' yields no images", c.data.eval_source);
-            }
-            self.grid_inputs = Some(Tensor::stack(&images, 0));
-        }
-        Ok(self.grid_inputs.as_ref().expect("just set").shallow_clone())
     }
 }
 
@@ -404,32 +375,11 @@ impl Trainer for PretrainRun {
 
     fn evaluate(&mut self, _step: u64) -> Result<Vec<(String, f64)>> {
         let c = &self.trainer.config;
-        let model = &self.trainer.model;
-        let _guard = tch::no_grad_guard();
-        let mut out = Vec::new();
-        let sets = c.eval.classes.split(',').map(str::trim).filter(|s| !s.is_empty());
-        for set in sets.filter(|_| model.config.train_clip) {
-            let (source, n, size) = (&c.data.eval_source, c.eval.samples, c.data.clip_size as u32);
-            let z = zero_shot::evaluate_source(model, source, set, n, 64, size, |_| {})?;
-            out.push((format!("eval/zero_shot_top1/{set}"), z.top1));
-        }
-        let metrics = ReconMetrics { inception: None, lpips: None, size: c.data.recon_size as u32, batch: 32 };
-        let r = recon::evaluate_source(model, &c.data.eval_source, c.eval.samples, &metrics, |_| {})?;
-        out.push(("eval/psnr".to_string(), r.psnr));
-        out.push(("eval/ssim".to_string(), r.ssim));
-        Ok(out)
+        online_evaluation(&self.trainer.model, &c.data.eval_source, &c.eval, c.data.clip_size, c.data.recon_size)
     }
 
     fn snapshot(&mut self, step: u64, dir: &Path) -> Result<PathBuf> {
-        let inputs = self.grid_inputs()?;
-        let model = &self.trainer.model;
-        let outputs = tch::no_grad(|| -> Result<Tensor> {
-            let x = inputs.to_device(model.device());
-            model.get_latents_decoded_images(&model.get_reconstruction_latents(&x)?)
-        })?;
-        let path = dir.join(format!("recon-{step:08}.png"));
-        save_grid(&path, &[inputs, outputs.to_device(Device::Cpu)])?;
-        Ok(path)
+        self.grid.save(&self.trainer.model, step, dir)
     }
 
     fn checkpoint(&self) -> (Vec<(String, Tensor)>, serde_json::Value) {
@@ -449,20 +399,4 @@ impl Trainer for PretrainRun {
     fn export(&self, dir: &Path) -> Result<()> {
         self.trainer.model.save(dir)
     }
-}
-
-/// Writes rows of ImageNet-normalised images `[N, 3, H, W]` (one tensor per row) as one PNG grid.
-pub fn save_grid(path: &Path, rows: &[Tensor]) -> Result<()> {
-    let (n, _, h, w) = rows[0].size4()?;
-    let mut grid = image::RgbImage::new((n * w) as u32, (rows.len() as i64 * h) as u32);
-    for (r, row) in rows.iter().enumerate() {
-        for i in 0..n {
-            let data = Vec::<f32>::try_from(row.get(i).to_kind(Kind::Float).contiguous().view([-1]))?;
-            let tile = to_rgb_image(&data, h as usize, w as usize)?;
-            image::imageops::replace(&mut grid, &tile, i * w, r as i64 * h);
-        }
-    }
-    let mut bytes = Vec::new();
-    grid.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
-    crate::io::write_atomic(path, &bytes)
 }

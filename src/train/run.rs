@@ -3,6 +3,7 @@
 //! atomic checkpoints every N steps and on SIGINT/SIGTERM, bit-identical `--resume`, and non-finite
 //! step handling (reported with every term, skipped; the run stops after K in a row).
 use super::checkpoint;
+use super::config::{CheckpointConfig, EvalConfig, LogConfig, TrainConfig};
 use super::metrics::MetricsLog;
 use super::plots::plot_metrics;
 use anyhow::{bail, Context, Result};
@@ -54,6 +55,22 @@ pub struct RunOptions {
     pub max_bad_steps: u64,
     /// Stop (with a checkpoint) after this many steps of this invocation, e.g. to fit a job slot.
     pub stop_after: Option<u64>,
+}
+
+impl RunOptions {
+    /// The loop settings of a trainer's `[train]`, `[log]`, `[eval]` and `[checkpoint]` sections.
+    pub fn from_config(train: &TrainConfig, log: &LogConfig, eval: &EvalConfig, checkpoint: &CheckpointConfig) -> Self {
+        Self {
+            steps: train.steps,
+            log_every: log.every,
+            eval_every: eval.every,
+            grid_every: eval.grid_every,
+            checkpoint_every: checkpoint.every,
+            keep: checkpoint.keep,
+            max_bad_steps: train.max_bad_steps,
+            stop_after: None,
+        }
+    }
 }
 
 /// How a run ended.

@@ -1,0 +1,100 @@
+//! What a tokenizer run shows while it trains, shared by `vtp pretrain` and `vtp finetune-decoder`:
+//! the online evaluation (zero-shot top-1 and reconstruction PSNR / SSIM through the same library
+//! code `vtp eval` runs) and the reconstruction grid (held-out inputs above their reconstructions).
+use super::config::EvalConfig;
+use crate::data::image::{prepare_rgb, to_rgb_image, Fit};
+use crate::data::source::{self, StreamOptions};
+use crate::eval::recon::{self, ReconMetrics};
+use crate::eval::zero_shot;
+use crate::model::VtpModel;
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// The online evaluation of `model` on `eval_source`: the zero-shot top-1 of every comma-separated
+/// class set of `eval.classes` at `clip_size` (`eval/zero_shot_top1/<set>`, when the model has CLIP),
+/// then PSNR and SSIM at `recon_size` (`eval/psnr`, `eval/ssim`), over `eval.samples` images.
+pub fn online_evaluation(
+    model: &VtpModel,
+    eval_source: &str,
+    eval: &EvalConfig,
+    clip_size: i64,
+    recon_size: i64,
+) -> Result<Vec<(String, f64)>> {
+    let _guard = tch::no_grad_guard();
+    let mut out = Vec::new();
+    let sets = eval.classes.split(',').map(str::trim).filter(|s| !s.is_empty());
+    for set in sets.filter(|_| model.config.train_clip) {
+        let z = zero_shot::evaluate_source(model, eval_source, set, eval.samples, 64, clip_size as u32, |_| {})?;
+        out.push((format!("eval/zero_shot_top1/{set}"), z.top1));
+    }
+    let metrics = ReconMetrics { inception: None, lpips: None, size: recon_size as u32, batch: 32 };
+    let r = recon::evaluate_source(model, eval_source, eval.samples, &metrics, |_| {})?;
+    out.push(("eval/psnr".to_string(), r.psnr));
+    out.push(("eval/ssim".to_string(), r.ssim));
+    Ok(out)
+}
+
+/// A run's reconstruction grids: the first `n` held-out images of a source, centre-cropped to
+/// `size` and read once, above a model's reconstructions of them.
+pub struct ReconGrid {
+    spec: String,
+    n: usize,
+    patch: i64,
+    size: i64,
+    inputs: Option<Tensor>,
+}
+
+impl ReconGrid {
+    /// The grid of the first `n` images of `spec` at `size` for a model of patch size `patch`.
+    pub fn new(spec: &str, n: usize, patch: i64, size: i64) -> Self {
+        Self { spec: spec.to_string(), n, patch, size, inputs: None }
+    }
+
+    /// `[n, 3, size, size]` ImageNet-normalised inputs (read on first use); an empty source is an error.
+    fn inputs(&mut self) -> Result<Tensor> {
+        if self.inputs.is_none() {
+            let fit = Fit::AdmCenterCrop(self.size as u32);
+            let images: Vec<Tensor> = source::open(&self.spec, &StreamOptions::default())?
+                .take(self.n)
+                .map(|s| {
+                    let img = prepare_rgb(&s?.image, self.patch as u32, fit)?;
+                    Ok(Tensor::from_slice(&img.data).view([3, img.height as i64, img.width as i64]))
+                })
+                .collect::<Result<_>>()?;
+            if images.is_empty() {
+                bail!("the evaluation source '{}' yields no images", self.spec);
+            }
+            self.inputs = Some(Tensor::stack(&images, 0));
+        }
+        Ok(self.inputs.as_ref().expect("just read").shallow_clone())
+    }
+
+    /// Writes `dir/recon-<step>.png`: the inputs (top row) above `model`'s reconstructions.
+    pub fn save(&mut self, model: &VtpModel, step: u64, dir: &Path) -> Result<PathBuf> {
+        let inputs = self.inputs()?;
+        let outputs = tch::no_grad(|| -> Result<Tensor> {
+            let x = inputs.to_device(model.device());
+            model.get_latents_decoded_images(&model.get_reconstruction_latents(&x)?)
+        })?;
+        let path = dir.join(format!("recon-{step:08}.png"));
+        save_grid(&path, &[inputs, outputs.to_device(Device::Cpu)])?;
+        Ok(path)
+    }
+}
+
+/// Writes rows of ImageNet-normalised images `[N, 3, H, W]` (one tensor per row) as one PNG grid.
+pub fn save_grid(path: &Path, rows: &[Tensor]) -> Result<()> {
+    let (n, _, h, w) = rows[0].size4()?;
+    let mut grid = image::RgbImage::new((n * w) as u32, (rows.len() as i64 * h) as u32);
+    for (r, row) in rows.iter().enumerate() {
+        for i in 0..n {
+            let data = Vec::<f32>::try_from(row.get(i).to_kind(Kind::Float).contiguous().view([-1]))?;
+            let tile = to_rgb_image(&data, h as usize, w as usize)?;
+            image::imageops::replace(&mut grid, &tile, i * w, r as i64 * h);
+        }
+    }
+    let mut bytes = Vec::new();
+    grid.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+    crate::io::write_atomic(path, &bytes)
+}

@@ -248,29 +248,14 @@ fn koleo_matches_dinov2() {
 /// An LPIPS network with seeded random VGG16 weights and non-negative heads.
 fn random_lpips() -> Lpips {
     tch::manual_seed(0);
-    let convs = [
-        (0, 3, 64),
-        (2, 64, 64),
-        (5, 64, 128),
-        (7, 128, 128),
-        (10, 128, 256),
-        (12, 256, 256),
-        (14, 256, 256),
-        (17, 256, 512),
-        (19, 512, 512),
-        (21, 512, 512),
-        (24, 512, 512),
-        (26, 512, 512),
-        (28, 512, 512),
-    ];
     let mut backbone = Vec::new();
-    for (i, cin, cout) in convs {
+    for (i, cin, cout) in vtp::eval::lpips::CONVS {
         let std = (2.0 / (9 * cin) as f64).sqrt();
         backbone
             .push((format!("features.{i}.weight"), Tensor::randn([cout, cin, 3, 3], (Kind::Float, Device::Cpu)) * std));
         backbone.push((format!("features.{i}.bias"), Tensor::randn([cout], (Kind::Float, Device::Cpu)) * 0.01));
     }
-    let heads: Vec<_> = [64, 128, 256, 512, 512]
+    let heads: Vec<_> = vtp::eval::lpips::CHANNELS
         .iter()
         .enumerate()
         .map(|(k, &c)| (format!("lin{k}.model.1.weight"), Tensor::rand([1, c, 1, 1], (Kind::Float, Device::Cpu))))
@@ -281,8 +266,8 @@ fn random_lpips() -> Lpips {
 /// ImageNet-normalised `[2, 3, 16, 16]` images whose pixels lie in `[0.05, 0.95]`.
 fn normalised_images() -> Tensor {
     let u = Tensor::rand([2, 3, 16, 16], (Kind::Float, Device::Cpu)) * 0.9 + 0.05;
-    let mean = Tensor::from_slice(&[0.485f32, 0.456, 0.406]).view([1, 3, 1, 1]);
-    let std = Tensor::from_slice(&[0.229f32, 0.224, 0.225]).view([1, 3, 1, 1]);
+    let mean = Tensor::from_slice(&vtp::data::image::IMAGENET_MEAN).view([1, 3, 1, 1]);
+    let std = Tensor::from_slice(&vtp::data::image::IMAGENET_STD).view([1, 3, 1, 1]);
     (u - mean) / std
 }
 

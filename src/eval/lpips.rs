@@ -48,7 +48,7 @@ pub const SCALE: [f32; 3] = [0.458, 0.448, 0.450];
 pub const CHANNELS: [i64; 5] = [64, 128, 256, 512, 512];
 
 /// The 13 convolutions of torchvision's VGG16 `features`: (index in `features`, in channels, out channels).
-const CONVS: [(usize, i64, i64); 13] = [
+pub const CONVS: [(usize, i64, i64); 13] = [
     (0, 3, 64),
     (2, 64, 64),
     (5, 64, 128),

@@ -29,10 +29,16 @@ pub struct ReconResult {
 
 /// `[B, 3, H, W]` ImageNet-normalised -> `[0, 1]` (`x·std + mean`, clamped), as the tool de-normalises.
 pub fn denormalise(x: &Tensor) -> Tensor {
+    unnormalise(x).clamp(0.0, 1.0)
+}
+
+/// `x · std + mean` per channel: ImageNet-normalised `[B, 3, H, W]` back to pixel scale, unclamped
+/// (so every pixel keeps its gradient).
+pub fn unnormalise(x: &Tensor) -> Tensor {
     let device = x.device();
     let mean = Tensor::from_slice(&IMAGENET_MEAN).to_device(device).view([1, 3, 1, 1]);
     let std = Tensor::from_slice(&IMAGENET_STD).to_device(device).view([1, 3, 1, 1]);
-    (x.to_kind(Kind::Float) * std + mean).clamp(0.0, 1.0)
+    x.to_kind(Kind::Float) * std + mean
 }
 
 /// `(x·255).astype(uint8) / 255`: the value an image has after being written as PNG and read back.

@@ -5,10 +5,10 @@
 //! tensors, as the model sees them; LPIPS-VGG ([`Lpips`]) is taken on the images mapped to `[-1, 1]`
 //! (`2 · (x · std + mean) - 1`, not clamped, so every pixel keeps its gradient) and averaged over the batch.
 //! Without the LPIPS weights the loss is L1 only.
-use crate::data::image::{IMAGENET_MEAN, IMAGENET_STD};
 use crate::eval::lpips::Lpips;
+use crate::eval::recon::unnormalise;
 use anyhow::Result;
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Reduction, Tensor};
 
 /// The terms of one reconstruction loss evaluation (scalars, differentiable w.r.t. the reconstruction).
 #[derive(Debug)]
@@ -65,8 +65,5 @@ impl ReconLoss {
 
 /// ImageNet-normalised images to LPIPS' `[-1, 1]` range: `2 · (x · std + mean) - 1`, unclamped.
 fn to_lpips_range(x: &Tensor) -> Tensor {
-    let device = x.device();
-    let mean = Tensor::from_slice(&IMAGENET_MEAN).to_device(device).view([1, 3, 1, 1]);
-    let std = Tensor::from_slice(&IMAGENET_STD).to_device(device).view([1, 3, 1, 1]);
-    (x.to_kind(Kind::Float) * std + mean) * 2 - 1
+    unnormalise(x) * 2 - 1
 }

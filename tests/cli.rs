@@ -1,6 +1,7 @@
 //! The `vtp` binary end to end (`check` on every fixture is in tests/parity.rs): offline `hf:` ids, tokenize, init +
 //! reconstruct/encode/decode/features/zero-shot, and one-line errors (no panic) for bad input.
 mod common;
+use common::{assert_one_line_error, s, stderr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -10,27 +11,6 @@ fn vtp(args: &[&str]) -> Output {
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Asserts a failure with exactly one `error:` line on stderr that contains every `needle`.
-fn assert_one_line_error(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
-    assert_eq!(o.status.code(), Some(1), "exit code 1 (an error, not a panic): {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("note:")).collect();
-    assert_eq!(lines.len(), 1, "one line of error: {err:?}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "error {:?} should mention {n:?}", lines[0]);
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn copy_fixture_model(name: &str, to: &Path) -> PathBuf {

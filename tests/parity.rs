@@ -11,6 +11,7 @@
 //!    `vtp check` on the same inputs, same kernels, same thread count: latents, decoded images, CLIP
 //!    image and text features within 1e-6 — the code path users run equals PyTorch on this CPU.
 mod common;
+use common::s;
 use std::path::Path;
 use std::process::{Command, Output};
 use tch::Device;
@@ -26,10 +27,6 @@ const EXACT: f64 = 1e-6;
 
 /// Bound under this machine's default kernels: the cross-CPU spread (module doc, item 2).
 const NATIVE_CROSS_CPU: f64 = 1e-3;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// `vtp [--kernels K] --threads 2 check` of `model` against `reference` at `EXACT`; asserts success
 /// and that every line is printed; returns stdout.

@@ -3,6 +3,7 @@
 //! non-finite step is skipped, the latents stay bit-identical, resume is bit-identical, and bad input
 //! is a one-line error.
 mod common;
+use common::{assert_one_line_error, s, stderr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use tch::{Device, Tensor};
@@ -30,10 +31,6 @@ const FAST: &[&str] = &[
     "train.deterministic=true",
 ];
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// `vtp --threads 2 finetune-decoder --model MODEL --out OUT` with the fast settings, then `extra`.
 fn finetune(model: &Path, out: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vtp"))
@@ -44,24 +41,8 @@ fn finetune(model: &Path, out: &Path, extra: &[&str]) -> Output {
         .expect("vtp runs")
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "vtp finetune-decoder failed: {}", stderr(o));
-}
-
-/// Asserts a failure with one `error:` line (notes aside) mentioning every needle.
-fn assert_one_line_error(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "exit 1 expected: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("note:")).collect();
-    assert_eq!(lines.len(), 1, "one line of error: {err:?}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "error {:?} should mention {n:?}", lines[0]);
-    }
+    common::assert_success(o, "vtp finetune-decoder");
 }
 
 /// `(step, value)` of every metrics.jsonl record that has `key`.

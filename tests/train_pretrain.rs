@@ -3,6 +3,7 @@
 //! and counted, non-finite steps are skipped and reported, a run that stays non-finite stops with its
 //! checkpoint loadable, the export loads in `vtp` and in PyTorch, and bad input is a one-line error.
 mod common;
+use common::{s, stderr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use vtp::io::read_safetensors_map;
@@ -45,10 +46,6 @@ const FAST: &[&str] = &[
     "log.every=1",
 ];
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// `vtp --threads 2 pretrain --out DIR` with the fast settings, then `extra`.
 fn pretrain(out: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vtp"))
@@ -59,25 +56,14 @@ fn pretrain(out: &Path, extra: &[&str]) -> Output {
         .expect("vtp runs")
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "vtp pretrain failed: {}", stderr(o));
+    common::assert_success(o, "vtp pretrain");
 }
 
-/// Asserts a failure with one `error:` line (notes aside) mentioning every needle.
+/// [`common::assert_one_line_error`], also past the run's `step N …` log lines (printed when stderr
+/// is not a terminal).
 fn assert_one_line_error(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "exit 1 expected: {err}");
-    // Notes and the per-step log lines (`step N...`, printed when stderr is not a terminal) may precede it.
-    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("note:") && !l.starts_with("step ")).collect();
-    assert_eq!(lines.len(), 1, "one line of error: {err:?}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "error {:?} should mention {n:?}", lines[0]);
-    }
+    common::assert_one_line_error_skipping(o, &["note:", "step "], needles);
 }
 
 /// The per-step values of `key` in the run's metrics.jsonl.

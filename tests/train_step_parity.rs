@@ -18,6 +18,7 @@
 //! two-rounding `t + (1 - m)·s` it is 1 ulp off on some elements, and after a second step AdamW turns
 //! that into ~3e-5 on `attn.qkv.bias` (whose true gradient is zero), past the bound.
 mod common;
+use common::s;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashMap};
@@ -63,10 +64,6 @@ const OVERRIDES: &[&str] = &[
     "optim.layer_decay=0.9",
     "optim.patch_embed_lr_mult=0.2",
 ];
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Eight synthetic samples and the step's batch built from them.
 fn batch(config: &PretrainConfig) -> PretrainBatch {

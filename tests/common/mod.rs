@@ -1,6 +1,7 @@
 //! Shared test helpers: the fixtures folder (never silently skipped).
 #![allow(dead_code)]
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 /// `../shared/fixtures` (or `$VTP_FIXTURES`); panics with a clear message when it is missing.
 pub fn fixtures() -> PathBuf {
@@ -61,4 +62,38 @@ pub fn shared_bench() -> PathBuf {
     let dir = fixtures().join("../bench");
     assert!(dir.join("pytorch_vtp.py").is_file(), "{}/pytorch_vtp.py is missing", dir.display());
     dir
+}
+
+/// A path as the `&str` a command line takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A command's standard error as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts that `what` succeeded, showing its standard error otherwise.
+pub fn assert_success(o: &Output, what: &str) {
+    assert!(o.status.success(), "{what} failed: {}", stderr(o));
+}
+
+/// Asserts a failure with exit code 1 (an error, not a panic) and exactly one `error:` line on
+/// stderr, not counting `note:` lines, that contains every `needle`.
+pub fn assert_one_line_error(o: &Output, needles: &[&str]) {
+    assert_one_line_error_skipping(o, &["note:"], needles);
+}
+
+/// [`assert_one_line_error`], not counting the lines that start with one of `skipped`.
+pub fn assert_one_line_error_skipping(o: &Output, skipped: &[&str], needles: &[&str]) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
+    assert_eq!(o.status.code(), Some(1), "exit code 1 (an error, not a panic): {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !skipped.iter().any(|p| l.starts_with(p))).collect();
+    assert_eq!(lines.len(), 1, "one line of error: {err:?}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "error {:?} should mention {n:?}", lines[0]);
+    }
 }

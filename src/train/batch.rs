@@ -47,7 +47,13 @@ impl PretrainBatch {
             ssl: self.ssl.map(|s| SslBatch {
                 global: to(s.global),
                 local: to(s.local),
-                masks: MaskBatch::from_masks(to(s.masks.masks), s.masks.upperbound),
+                masks: MaskBatch {
+                    masks: to(s.masks.masks),
+                    mask_indices_list: to(s.masks.mask_indices_list),
+                    masks_weight: to(s.masks.masks_weight),
+                    n_masked_patches: to(s.masks.n_masked_patches),
+                    upperbound: s.masks.upperbound,
+                },
             }),
             recon: to(self.recon),
         }

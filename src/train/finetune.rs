@@ -22,7 +22,7 @@ use super::discriminator::{adaptive_weight, generator_loss, hinge_d_loss, NLayer
 use super::feed::{DataFeed, FeedPosition};
 use super::objectives::recon::ReconLoss;
 use super::online::{online_evaluation, ReconGrid};
-use super::optim::{clip_grad_norm, dinov2_multipliers, AdamW, AdamWConfig, ParamSpec};
+use super::optim::{clip_grad_norm, dinov2_param_specs, AdamW, AdamWConfig};
 use super::pretrain::step_seed;
 use super::run::{RunOptions, StepReport, Trainer};
 use super::schedule::CosineScheduler;
@@ -351,14 +351,7 @@ fn sorted_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 
 /// An AdamW over `named` (weight decay off for biases, norms and vectors, as in pre-training).
 fn adamw(named: Vec<(String, Tensor)>, config: AdamWConfig) -> AdamW {
-    let specs = named
-        .into_iter()
-        .map(|(name, tensor)| {
-            let (lr_mult, wd_mult, _) = dinov2_multipliers(&name, tensor.dim(), 0, 1.0, 1.0);
-            ParamSpec { name, tensor, lr_mult, wd_mult, is_last_layer: false }
-        })
-        .collect();
-    AdamW::new(specs, config)
+    AdamW::new(dinov2_param_specs(named, 0, 1.0, 1.0), config)
 }
 
 /// The sum of the frozen weights in f64 (deterministic for the same weights on the same device).

@@ -227,6 +227,26 @@ fn adamw_update(param: &Tensor, grad: &Tensor, s: &mut MomentState, lr: f64, wd:
     let _ = param.addcdiv_(&s.exp_avg.g_mul_scalar(-step_size), &denom);
 }
 
+/// The [`ParamSpec`]s of `named` parameters with [`dinov2_multipliers`] (trunk depth `depth`), sorted
+/// by name.
+pub fn dinov2_param_specs(
+    named: impl IntoIterator<Item = (String, Tensor)>,
+    depth: i64,
+    layer_decay: f64,
+    patch_embed_lr_mult: f64,
+) -> Vec<ParamSpec> {
+    let mut named: Vec<(String, Tensor)> = named.into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+        .into_iter()
+        .map(|(name, tensor)| {
+            let (lr_mult, wd_mult, is_last_layer) =
+                dinov2_multipliers(&name, tensor.dim(), depth, layer_decay, patch_embed_lr_mult);
+            ParamSpec { name, tensor, lr_mult, wd_mult, is_last_layer }
+        })
+        .collect()
+}
+
 /// `torch.nn.utils.clip_grad_norm_(params, max_norm)` (L2; the CPU op sequence, where torch's `_foreach_norm`
 /// is the per-tensor norm; its CUDA kernel reduces in another order): the norm of the stacked
 /// per-gradient norms, then every gradient multiplied in place by `min(max_norm / (norm + 1e-6), 1)`.

@@ -15,7 +15,7 @@ use super::objectives::ibot::IbotPatchLoss;
 use super::objectives::koleo::koleo_per_crop;
 use super::objectives::recon::ReconLoss;
 use super::online::{online_evaluation, ReconGrid};
-use super::optim::{clip_grad_norm, dinov2_multipliers, AdamW, ParamSpec};
+use super::optim::{clip_grad_norm, dinov2_param_specs, AdamW};
 use super::run::{RunOptions, StepReport, Trainer};
 use super::schedule::{ScheduleValues, Schedules};
 use super::teacher::Teacher;
@@ -37,6 +37,13 @@ pub const N_GLOBAL_CROPS: i64 = 2;
 pub struct Losses {
     pub total: Tensor,
     pub terms: Vec<(&'static str, Tensor)>,
+}
+
+/// The student's parameters: the tokenizer's (official names) and its DINO head's (`dino_head.*`).
+fn student(model: &VtpModel, head_vs: &nn::VarStore) -> HashMap<String, Tensor> {
+    let mut all = model.vs.variables();
+    all.extend(head_vs.variables());
+    all
 }
 
 /// Everything stage 1 trains and its loss state.
@@ -67,47 +74,22 @@ impl Pretrainer {
         let k = config.dino_head.out_dim;
         let dino = DinoLoss::new(k, loss.student_temp, loss.center_momentum, device);
         let ibot = IbotPatchLoss::new(k, loss.student_temp, loss.center_momentum, device);
-        let mut trainer = Self {
-            optim: AdamW::new(Vec::new(), config.optim.adamw()),
-            config,
-            model,
-            head_vs,
-            head,
-            teacher,
-            dino,
-            ibot,
-            recon,
-        };
-        trainer.optim = AdamW::new(trainer.param_specs(), trainer.config.optim.adamw());
+        let o = &config.optim;
+        let specs = dinov2_param_specs(
+            student(&model, &head_vs),
+            config.model.vision_depth,
+            o.layer_decay,
+            o.patch_embed_lr_mult,
+        );
+        let optim = AdamW::new(specs, o.adamw());
+        let trainer = Self { optim, config, model, head_vs, head, teacher, dino, ibot, recon };
         trainer.teacher.copy_from(&trainer.student_parameters())?;
         Ok(trainer)
     }
 
     /// The student's parameters by name: the tokenizer's official names plus `dino_head.*`.
     pub fn student_parameters(&self) -> HashMap<String, Tensor> {
-        let mut all = self.model.vs.variables();
-        all.extend(self.head_vs.variables());
-        all
-    }
-
-    /// The optimised parameters with their DINOv2 group multipliers, sorted by name.
-    fn param_specs(&self) -> Vec<ParamSpec> {
-        let o = &self.config.optim;
-        let mut named: Vec<(String, Tensor)> = self.student_parameters().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        named
-            .into_iter()
-            .map(|(name, tensor)| {
-                let (lr_mult, wd_mult, is_last_layer) = dinov2_multipliers(
-                    &name,
-                    tensor.dim(),
-                    self.config.model.vision_depth,
-                    o.layer_decay,
-                    o.patch_embed_lr_mult,
-                );
-                ParamSpec { name, tensor, lr_mult, wd_mult, is_last_layer }
-            })
-            .collect()
+        student(&self.model, &self.head_vs)
     }
 
     /// The CLIP image embedding of the trunk features (`vision_clip_feat`, `visual_proj`), normalised.

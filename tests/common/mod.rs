@@ -97,3 +97,18 @@ pub fn assert_one_line_error_skipping(o: &Output, skipped: &[&str], needles: &[&
         assert!(lines[0].contains(n), "error {:?} should mention {n:?}", lines[0]);
     }
 }
+
+/// `vtp <command> --print-config`: asserts it succeeds and that every `key = value` line follows a
+/// `# ` comment saying what it means; returns the printed config.
+pub fn print_config(command: &str) -> String {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vtp")).args([command, "--print-config"]).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "vtp {command} --print-config: {}", stderr(&o));
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if line.contains(" = ") && !line.starts_with('#') {
+            assert!(lines[i - 1].starts_with("# ") && !lines[i - 1].contains("(undocumented)"), "{line}");
+        }
+    }
+    text
+}

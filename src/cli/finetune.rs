@@ -53,6 +53,6 @@ pub fn finetune_decoder(a: &FinetuneArgs, device: Device) -> Result<()> {
         let opts = trainer.run_options();
         Ok((trainer, opts))
     })?;
-    print_summary(&summary, &dir);
+    print_summary(&summary, &dir, "tokenizer");
     Ok(())
 }

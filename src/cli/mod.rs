@@ -2,6 +2,7 @@
 mod bench;
 mod clip;
 mod data;
+mod dit;
 mod eval;
 mod fid;
 mod finetune;
@@ -72,6 +73,12 @@ enum Command {
     /// Stage 2: fine-tune a tokenizer's pixel decoder with L1 + LPIPS + a PatchGAN, encoder frozen
     /// (spec §4.7); exports the whole tokenizer, whose latents are unchanged.
     FinetuneDecoder(finetune::FinetuneArgs),
+    /// Generation with LightningDiT on VTP latents (spec §5.4, §8): extract a latent cache, train by
+    /// flow matching, sample, and score FID / sample class accuracy.
+    Dit {
+        #[command(subcommand)]
+        command: dit::DitCommand,
+    },
     /// Data sources: export to WebDataset shards, inspect, benchmark the augmentations.
     Data {
         #[command(subcommand)]
@@ -158,6 +165,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Check(a) => model_cmds::check(&a, device),
         Command::Bench(a) => bench::bench(&a, device),
         Command::Data { command } => data::run(&command),
+        Command::Dit { command } => dit::run(&command, device),
         Command::Eval(a) => eval::eval(&a, device),
         Command::FidStats(a) => fid::fid_stats(&a, device),
         Command::Fid(a) => fid::fid(&a, device),

@@ -147,16 +147,16 @@ pub fn pretrain(a: &PretrainArgs, device: Device) -> Result<()> {
         let opts = trainer.run_options();
         Ok((trainer, opts))
     })?;
-    print_summary(&summary, &dir);
+    print_summary(&summary, &dir, "tokenizer");
     Ok(())
 }
 
-/// The closing lines of a run.
-pub fn print_summary(s: &RunSummary, dir: &Path) {
+/// The closing lines of a run that exports `what` (e.g. "tokenizer").
+pub fn print_summary(s: &RunSummary, dir: &Path, what: &str) {
     let evals: Vec<String> = s.last_eval.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
     println!("{} steps ({} skipped); {}", s.steps, s.skipped, evals.join(", "));
     match &s.exported {
-        Some(model) => println!("tokenizer written to {} (config.json + model.safetensors)", model.display()),
+        Some(model) => println!("{what} written to {} (config.json + model.safetensors)", model.display()),
         None => println!("stopped before the end; continue with: --resume --out {}", dir.display()),
     }
     println!("metrics: {0}/metrics.jsonl, {0}/tensorboard, plots: {0}/plots", dir.display());

@@ -168,7 +168,7 @@ fn crop(img: &RgbImage, left: u32, top: u32, w: u32, h: u32) -> RgbImage {
 }
 
 /// ADM `center_crop_arr(img, size)` with Pillow's resampling (see the module doc).
-fn adm_center_crop(img: &RgbImage, size: u32) -> RgbImage {
+pub fn adm_center_crop(img: &RgbImage, size: u32) -> RgbImage {
     let mut cur = img.clone();
     while u64::from(cur.width().min(cur.height())) >= 2 * u64::from(size) {
         cur = pil_resize(&cur, cur.width() / 2, cur.height() / 2, Filter::Box);

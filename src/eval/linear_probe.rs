@@ -406,6 +406,42 @@ pub fn train_linear_probe(
     config: &ProbeConfig,
     protocol: &str,
 ) -> Result<LinearProbeResult> {
+    Ok(train_linear_classifier(train, val, n_classes, config, protocol)?.0)
+}
+
+/// A trained linear classifier `argmax(x·W + b)` over features.
+#[derive(Debug)]
+pub struct LinearClassifier {
+    /// `[D, C]`.
+    pub weight: Tensor,
+    /// `[C]`.
+    pub bias: Tensor,
+}
+
+impl LinearClassifier {
+    /// Predicted class of each row of `features` `[N, D]`, `[N]` int64.
+    pub fn predict(&self, features: &Tensor) -> Tensor {
+        let x = features.to_kind(Kind::Float).to_device(self.weight.device());
+        (x.matmul(&self.weight) + &self.bias).argmax(-1, false)
+    }
+
+    /// Top-1 accuracy in percent on `features` `[N, D]` with `labels` `[N]`.
+    pub fn accuracy(&self, features: &Tensor, labels: &Tensor) -> f64 {
+        let hits = self.predict(features).eq_tensor(&labels.to_device(self.weight.device())).sum(Kind::Int64);
+        100.0 * hits.int64_value(&[]) as f64 / labels.size()[0].max(1) as f64
+    }
+}
+
+/// [`train_linear_probe`], also returning the winning rate's classifier as it stands after the last
+/// epoch (to apply to other features, e.g. generated images: its accuracy on `val` at that epoch is
+/// [`LinearClassifier::accuracy`], which can be below the reported best-epoch `top1`).
+pub fn train_linear_classifier(
+    train: (&Tensor, &Tensor),
+    val: (&Tensor, &Tensor),
+    n_classes: Option<usize>,
+    config: &ProbeConfig,
+    protocol: &str,
+) -> Result<(LinearProbeResult, LinearClassifier)> {
     let (train_x, train_y) = train;
     let device = train_x.device();
     let (val_x, val_y) = (val.0.to_device(device), val.1.to_device(device));
@@ -488,7 +524,11 @@ pub fn train_linear_probe(
         .enumerate()
         .max_by(|(ia, a), (ib, b)| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(ib.cmp(ia)))
         .ok_or_else(|| anyhow!("empty learning-rate grid"))?;
-    Ok(LinearProbeResult {
+    let classifier = LinearClassifier {
+        weight: w.get(winner as i64).detach().copy(),
+        bias: b.get(winner as i64).squeeze_dim(0).detach().copy(),
+    };
+    let result = LinearProbeResult {
         protocol: format!(
             "{protocol}; {k} linear classifiers (lr grid × {batch}/256), SGD momentum 0.9, cosine, \
              {} epochs × batch {batch}, frozen un-augmented features, max held-out top-1 over lrs × epochs",
@@ -505,7 +545,8 @@ pub fn train_linear_probe(
         n_classes,
         epochs: config.epochs,
         batch_size: batch as usize,
-    })
+    };
+    Ok((result, classifier))
 }
 
 /// One PyTorch SGD step with momentum 0.9, no dampening, no weight decay, per-classifier `lr [K, 1, 1]`.

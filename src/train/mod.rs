@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dino_head;
 pub mod discriminator;
+pub mod ema;
 pub mod feed;
 pub mod finetune;
 pub mod metrics;

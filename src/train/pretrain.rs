@@ -221,11 +221,15 @@ impl Pretrainer {
     }
 
     /// The update after a good backward pass: AdamW with the scheduled lr / wd / last-layer lr, the
-    /// logit-scale clamp to [0, ln 100], then the teacher EMA with the scheduled momentum.
+    /// logit-scale clamp to [0, ln 100], then the teacher EMA with the scheduled momentum (only when
+    /// SSL is on: nothing else reads the teacher, so `ae` and `clip+ae` runs keep its initial copy).
     pub fn update(&mut self, sv: &ScheduleValues) -> Result<()> {
         self.optim.step(sv.lr, sv.wd, sv.last_layer_lr);
         if let Some(s) = &self.model.logit_scale {
             clamp_logit_scale(s);
+        }
+        if !self.config.objectives.ssl() {
+            return Ok(());
         }
         self.teacher.ema_update(&self.student_parameters(), sv.momentum)
     }

@@ -3,6 +3,7 @@
 //! losses) and DINO head, updated after every step as `θ_t ← m·θ_t + (1 − m)·θ_s`, never by gradients.
 use super::config::DinoHeadConfig;
 use super::dino_head::DinoHead;
+use super::ema::ema_update;
 use crate::config::VtpConfig;
 use crate::model::encoder::VisionEncoder;
 use crate::model::ffn::linear;
@@ -63,16 +64,9 @@ impl Teacher {
     }
 
     /// The EMA update `θ_t ← m·θ_t + (1 − m)·θ_s` (DINOv2: `_foreach_mul_(m)` then
-    /// `_foreach_add_(s, alpha = 1 − m)`). The add is ATen's fused `t + α·s` (one rounding), which
-    /// `addcmul_` with a 0-dim `α` reproduces bit for bit; `t + (α·s)` would round twice.
+    /// `_foreach_add_(s, alpha = 1 − m)`), rounded as [`ema_update`] explains.
     pub fn ema_update(&self, student: &HashMap<String, Tensor>, momentum: f64) -> Result<()> {
-        tch::no_grad(|| {
-            let alpha = Tensor::from((1.0 - momentum) as f32);
-            for (mut t, s) in self.pairs(student)? {
-                let _ = t.g_mul_scalar_(momentum);
-                let _ = t.addcmul_(s, &alpha.to_device(s.device()));
-            }
-            Ok(())
-        })
+        ema_update(self.pairs(student)?, momentum);
+        Ok(())
     }
 }

@@ -143,3 +143,18 @@ fn time_sampling_config_form() {
     let text = toml::to_string(&C { t: TimeSampling::VTP_L_STATED }).unwrap();
     assert_eq!(parse(&text).unwrap(), TimeSampling::VTP_L_STATED, "round trip: {text}");
 }
+
+/// The whole `training_losses` call with the fixture's LightningDiT: the model's prediction on the
+/// fixture's `x_t` is its `pred`, and the composed loss its `loss_total` / `loss_mse`.
+#[test]
+fn training_loss_with_the_fixture_model_matches() {
+    let f = fixture();
+    let model = vtp::dit::model::LightningDit::load_dir(&common::fixture("lightningdit-tiny"), Device::Cpu).unwrap();
+    let y = f["y"].shallow_clone();
+    let pred = tch::no_grad(|| model.forward(&f["xt"], &f["t"], &y, false));
+    check("pred (model)", &pred, &f["pred"]);
+    let velocity = |xt: &Tensor, t: &Tensor| model.forward(xt, t, &y, false);
+    let l = tch::no_grad(|| training_loss(velocity, &f["x1"], &f["x0"], &f["t"], true));
+    check("loss_total (model)", &l.total, &f["loss_total"]);
+    check("loss_mse (model)", &l.mse, &f["loss_mse"]);
+}

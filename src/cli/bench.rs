@@ -7,6 +7,10 @@
 use super::ModelArgs;
 use crate::data::source::{self, StreamOptions};
 use crate::data::Sample;
+use crate::dit::model::{DitConfig, LightningDit};
+use crate::dit::sampler::{self, SamplerConfig};
+use crate::dit::train::{dit_optimizer, flow_step};
+use crate::dit::transport::TimeSampling;
 use crate::train::batch::{BatchBuilder, PretrainBatch};
 use crate::train::config::PretrainConfig;
 use crate::train::objectives::recon::ReconLoss;
@@ -30,6 +34,13 @@ pub enum BenchMode {
     PretrainStep,
     /// One reconstruction-only step (`objectives = ae`) on `--batch` crops of `--size`².
     ReconStep,
+    /// One LightningDiT flow-matching step (logit-normal t, MSE + cosine loss, backward, AdamW 2e-4,
+    /// betas (0.9, 0.95)) of the DiT preset `--preset` (tiny, small, B, L, XL: 16×16×64 latents) on
+    /// `--batch` random latents, as `pytorch_dit.py --mode train-step`.
+    DitTrainStep,
+    /// Euler sampling of `--batch` latents with `--steps` DiT calls (no CFG, no shift), as
+    /// `pytorch_dit.py --mode sample`.
+    DitSample,
 }
 
 impl BenchMode {
@@ -39,6 +50,8 @@ impl BenchMode {
             BenchMode::Reconstruct => "reconstruct",
             BenchMode::PretrainStep => "pretrain-step",
             BenchMode::ReconStep => "recon-step",
+            BenchMode::DitTrainStep => "dit-train-step",
+            BenchMode::DitSample => "dit-sample",
         }
     }
 }
@@ -65,6 +78,9 @@ pub struct BenchArgs {
     /// Untimed warm-up iterations.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// `dit-sample`: Euler steps (DiT calls) per sample.
+    #[arg(long, default_value_t = 50)]
+    steps: i64,
     /// Training modes: `key=value` overrides of the pre-training config, applied last (e.g. `batch.ssl=4`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -75,6 +91,7 @@ pub fn bench(a: &BenchArgs, device: Device) -> Result<()> {
     match a.mode {
         BenchMode::Reconstruct => bench_reconstruct(a, device),
         BenchMode::PretrainStep | BenchMode::ReconStep => bench_train_step(a, device),
+        BenchMode::DitTrainStep | BenchMode::DitSample => bench_dit(a, device),
     }
 }
 
@@ -119,7 +136,14 @@ fn train_config(a: &BenchArgs) -> Result<PretrainConfig> {
             format!("batch.recon={}", (b / 8).max(1)),
             format!("data.clip_size={s}"),
         ],
-        _ => vec!["objectives=ae".into(), format!("batch.clip={b}"), "batch.ssl=0".into(), format!("batch.recon={b}")],
+        // As `pytorch_vtp.py --mode train-step --optim`: no gradient clipping (and `ae` runs no teacher EMA).
+        _ => vec![
+            "objectives=ae".into(),
+            format!("batch.clip={b}"),
+            "batch.ssl=0".into(),
+            format!("batch.recon={b}"),
+            "optim.clip_grad=0".into(),
+        ],
     };
     overrides.push(format!("data.recon_size={s}"));
     for o in ["loss.lpips=false", "loss.clip_drop_path=0.0", "loss.ssl_drop_path=0.0", "loss.rec_drop_path=0.0"] {
@@ -175,6 +199,48 @@ fn bench_train_step(a: &BenchArgs, device: Device) -> Result<()> {
         "s_per_iter_min": times[0], "iters": a.iters, "warmup": a.warmup, "peak_rss_mib": proc_status_mib("VmHWM"),
     });
     line.as_object_mut().expect("a JSON object").extend(rss);
+    println!("{line}");
+    Ok(())
+}
+
+/// `--mode dit-train-step` / `dit-sample` on a random DiT of preset `--preset`.
+fn bench_dit(a: &BenchArgs, device: Device) -> Result<()> {
+    tch::manual_seed(a.model.seed);
+    let model = LightningDit::new(DitConfig::preset(&a.model.preset)?, device)?;
+    let c = model.config().clone();
+    let shape = [a.batch, c.in_channels, c.input_size, c.input_size];
+    let x1 = Tensor::randn(shape, (Kind::Float, device));
+    let y = Tensor::randint(c.num_classes, [a.batch], (Kind::Int64, device));
+    let mut optim = dit_optimizer(&model, 0.9, 0.95, 1e-8);
+    let sampler = SamplerConfig { steps: a.steps + 1, shift: 0.0, ..SamplerConfig::default() };
+    let mut times = Vec::with_capacity(a.iters);
+    for i in 0..a.warmup + a.iters {
+        let t0 = Instant::now();
+        if a.mode == BenchMode::DitTrainStep {
+            let time = TimeSampling::OFFICIAL;
+            let (_, _, skipped) =
+                tch::with_grad(|| flow_step(&model, &mut optim, &x1, &y, &time, true, (2e-4, 0.0, 0.0), false));
+            if skipped {
+                bail!("step {i} had a non-finite loss or gradient");
+            }
+        } else {
+            let z = Tensor::randn(shape, (Kind::Float, device));
+            drop(sampler::sample(&z, &sampler, |x, t| model.forward(x, t, &y, false)));
+        }
+        synchronize(device);
+        if i >= a.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let line = serde_json::json!({
+        "impl": "vtp-rs", "preset": a.model.preset, "mode": a.mode.name(), "batch": a.batch,
+        "steps": if a.mode == BenchMode::DitSample { Some(a.steps) } else { None },
+        "threads": tch::get_num_threads(), "device": format!("{device:?}"), "it_per_s": 1.0 / median,
+        "img_per_s": a.batch as f64 / median, "s_per_iter": median, "s_per_iter_min": times[0],
+        "iters": a.iters, "warmup": a.warmup, "params": model.num_parameters(), "peak_rss_mib": proc_status_mib("VmHWM"),
+    });
     println!("{line}");
     Ok(())
 }

@@ -45,6 +45,10 @@ pub struct EvalArgs {
     /// Linear-probe epochs.
     #[arg(long, default_value_t = 10)]
     epochs: usize,
+    /// Linear-probe crop side (spec §5.2: 224, after a resize to 256; another crop resizes to
+    /// `crop·256/224`, e.g. 64 for models trained at 64²).
+    #[arg(long, default_value_t = PROBE_CROP)]
+    probe_crop: u32,
     /// At most this many images per data set.
     #[arg(long, default_value_t = 1000)]
     limit: usize,
@@ -111,17 +115,27 @@ fn probe_features(
     let set = classnames::resolve(&a.classes)?;
     let key = CacheKey {
         model: fingerprint.to_string(),
-        data: format!("{spec}|n{}|resize{PROBE_RESIZE}crop{PROBE_CROP}|{}", a.limit, set.label_key),
+        data: format!("{spec}|n{}|resize{}crop{}|{}", a.limit, probe_resize(a.probe_crop), a.probe_crop, set.label_key),
         protocol: protocol.name(),
     };
     FeatureCache::new(&a.cache).get_or_compute(&key, || {
         let (stream, bar) = samples(spec, a.limit, &format!("features {}", protocol.name()))?;
-        let batches =
-            labelled_batches(stream, &set.label_key, a.batch, |img| resize_center_crop(img, PROBE_RESIZE, PROBE_CROP));
+        let batches = labelled_batches(stream, &set.label_key, a.batch, |img| {
+            resize_center_crop(img, probe_resize(a.probe_crop), a.probe_crop)
+        });
         let out = extract_features(model, batches, protocol);
         bar.finish_and_clear();
         out
     })
+}
+
+/// The resize before a `crop` centre crop: §5.2's 256 for 224, else `round(crop·256/224)`.
+fn probe_resize(crop: u32) -> u32 {
+    if crop == PROBE_CROP {
+        PROBE_RESIZE
+    } else {
+        (f64::from(crop) * f64::from(PROBE_RESIZE) / f64::from(PROBE_CROP)).round() as u32
+    }
 }
 
 fn linear_probe(

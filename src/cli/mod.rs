@@ -1,5 +1,6 @@
 //! The `vtp` command line (clap): one sub-command per job, errors printed as one line.
 mod bench;
+mod claim;
 mod clip;
 mod data;
 mod dit;
@@ -79,6 +80,9 @@ enum Command {
         #[command(subcommand)]
         command: dit::DitCommand,
     },
+    /// The paper's claim at small scale: `ae` vs `all` tokenizers at several pre-training budgets, the
+    /// same DiT on each latent space, FID and sample class accuracy; a table and plots (README).
+    Claim(claim::ClaimArgs),
     /// Data sources: export to WebDataset shards, inspect, benchmark the augmentations.
     Data {
         #[command(subcommand)]
@@ -166,6 +170,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::bench(&a, device),
         Command::Data { command } => data::run(&command),
         Command::Dit { command } => dit::run(&command, device),
+        Command::Claim(a) => claim::claim(&a),
         Command::Eval(a) => eval::eval(&a, device),
         Command::FidStats(a) => fid::fid_stats(&a, device),
         Command::Fid(a) => fid::fid(&a, device),

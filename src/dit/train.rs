@@ -57,8 +57,12 @@ pub struct TrainedDit {
 }
 
 impl TrainedDit {
-    /// Loads an exported DiT folder (`config.json`, `model.safetensors`, [`STATS`], [`DIT_INFO`]).
+    /// Loads an exported DiT folder (`config.json`, `model.safetensors`, [`STATS`], [`DIT_INFO`]) or a
+    /// `vtp dit train` checkpoint folder (`checkpoints/step-*`: its EMA weights, statistics and info).
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        if dir.join(crate::train::checkpoint::STATE_FILE).is_file() {
+            return Self::load_checkpoint(dir, device);
+        }
         let model = LightningDit::load_dir(dir, device)?;
         let stats = LatentStats::load(&dir.join(STATS))
             .with_context(|| format!("DiT '{}': latent statistics missing or unreadable", dir.display()))?;
@@ -66,6 +70,18 @@ impl TrainedDit {
         let path = dir.join(DIT_INFO);
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read '{}'", path.display()))?;
         let info = serde_json::from_str(&text).with_context(|| format!("'{}' is malformed", path.display()))?;
+        Ok(Self { model, stats, info })
+    }
+
+    /// The EMA model, statistics and info of a training checkpoint.
+    fn load_checkpoint(dir: &Path, device: Device) -> Result<Self> {
+        let (tensors, state) = crate::train::checkpoint::load(dir)?;
+        let what = || format!("checkpoint '{}'", dir.display());
+        let config: DitTrainConfig = serde_json::from_value(state["config"].clone()).with_context(what)?;
+        let info: DitInfo = serde_json::from_value(state["info"].clone()).with_context(what)?;
+        let model = LightningDit::new(config.model, device)?;
+        restore_into(&model.named_parameters(), &tensors, "ema.").with_context(what)?;
+        let stats = LatentStats::from_tensors(&tensors, "latent_stats.").with_context(what)?;
         Ok(Self { model, stats, info })
     }
 
@@ -138,13 +154,8 @@ impl DitRun {
         let mut ema = LightningDit::new(config.model.clone(), device)?;
         ema.vs_mut().copy(model.vs())?;
         ema.vs_mut().freeze();
-        let params = model
-            .named_parameters()
-            .into_iter()
-            .map(|(name, tensor)| ParamSpec { name, tensor, lr_mult: 1.0, wd_mult: 1.0, is_last_layer: false })
-            .collect();
         let o = &config.optim;
-        let optim = AdamW::new(params, AdamWConfig { beta1: o.beta1, beta2: o.beta2, eps: o.eps });
+        let optim = dit_optimizer(&model, o.beta1, o.beta2, o.eps);
         let m = &cache.manifest;
         let info = DitInfo {
             tokenizer: m.tokenizer.clone(),
@@ -201,44 +212,79 @@ impl DitRun {
     }
 }
 
+/// One flow-matching optimisation step of `model` on normalised latents `x1` with labels `y` (label
+/// dropout on): times from `time`, noise `x0 ~ N(0, I)` (both from torch's generator), the loss
+/// `mean(cos) + mean(mse)`, backward, gradient-norm clipping at `clip_grad` (0 = off), AdamW at `lr`
+/// with weight decay `wd`. A non-finite loss (or `inject_nan`) or gradient norm skips the update.
+/// Returns the loss, the gradient norm (before clipping) and whether the step was skipped.
+#[allow(clippy::too_many_arguments)]
+pub fn flow_step(
+    model: &LightningDit,
+    optim: &mut AdamW,
+    x1: &Tensor,
+    y: &Tensor,
+    time: &TimeSampling,
+    cosine_loss: bool,
+    (lr, wd, clip_grad): (f64, f64, f64),
+    inject_nan: bool,
+) -> (FlowLoss, f64, bool) {
+    let t = transport::sample_t(x1.size()[0], time, x1.device());
+    let x0 = x1.randn_like();
+    optim.zero_grad();
+    let velocity = |xt: &Tensor, t: &Tensor| model.forward(xt, t, y, true);
+    let mut loss = transport::training_loss(velocity, x1, &x0, &t, cosine_loss);
+    if inject_nan {
+        loss.total = &loss.total * f64::NAN;
+    }
+    let mut grad_norm = f64::NAN;
+    if loss.total.double_value(&[]).is_finite() {
+        loss.total.backward();
+        let params: Vec<Tensor> = optim.params().iter().map(|p| p.tensor.shallow_clone()).collect();
+        grad_norm = clip_grad_norm(&params, if clip_grad > 0.0 { clip_grad } else { f64::INFINITY });
+    }
+    let skipped = !grad_norm.is_finite();
+    if skipped {
+        optim.zero_grad();
+    } else {
+        optim.step(lr, wd, lr);
+    }
+    (loss, grad_norm, skipped)
+}
+
+/// AdamW over every trainable parameter of `model` (one group: no per-parameter multipliers, as
+/// LightningDiT's `train.py`).
+pub fn dit_optimizer(model: &LightningDit, beta1: f64, beta2: f64, eps: f64) -> AdamW {
+    let params = model
+        .named_parameters()
+        .into_iter()
+        .map(|(name, tensor)| ParamSpec { name, tensor, lr_mult: 1.0, wd_mult: 1.0, is_last_layer: false })
+        .collect();
+    AdamW::new(params, AdamWConfig { beta1, beta2, eps })
+}
+
 impl Trainer for DitRun {
     fn train_step(&mut self, step: u64) -> Result<StepReport> {
         tch::manual_seed(step_seed(self.config.train.seed, step) as i64);
         let indices = self.batch_indices(step);
-        let device = self.model.device();
         let b = indices.size()[0];
         // `np.random.uniform(0, 1) > 0.5` keeps the plain latent: flip below ½.
-        let flip = Tensor::rand([b], (Kind::Float, device)).le(0.5);
+        let flip = Tensor::rand([b], (Kind::Float, self.model.device())).le(0.5);
         let (x1, y) = self.cache.batch(&indices, &flip);
-        let t = transport::sample_t(b, &self.time, device);
-        let x0 = x1.randn_like();
-        self.optim.zero_grad();
-        let mut losses = self.loss(&self.model, &x1, &x0, &t, &y, true);
-        if self.config.debug.nan_at_steps.contains(&step) {
-            losses.total = &losses.total * f64::NAN;
-        }
-        let mut grad_norm = f64::NAN;
-        if losses.total.double_value(&[]).is_finite() {
-            losses.total.backward();
-            let params: Vec<Tensor> = self.optim.params().iter().map(|p| p.tensor.shallow_clone()).collect();
-            let clip = self.config.optim.clip_grad;
-            grad_norm = clip_grad_norm(&params, if clip > 0.0 { clip } else { f64::INFINITY });
-        }
-        let skipped = !grad_norm.is_finite();
-        if skipped {
-            self.optim.zero_grad();
-        } else {
-            let o = &self.config.optim;
-            self.optim.step(o.lr, o.weight_decay, o.lr);
+        let (c, o) = (&self.config, &self.config.optim);
+        let inject_nan = c.debug.nan_at_steps.contains(&step);
+        let hyper = (o.lr, o.weight_decay, o.clip_grad);
+        let (losses, grad_norm, skipped) =
+            flow_step(&self.model, &mut self.optim, &x1, &y, &self.time, c.transport.cosine_loss, hyper, inject_nan);
+        if !skipped {
             let live: HashMap<String, Tensor> = self.model.named_parameters().into_iter().collect();
             let pairs = self.ema.named_parameters().into_iter().map(|(k, e)| (e, &live[&k]));
-            ema_update(pairs, self.config.ema.decay);
+            ema_update(pairs, c.ema.decay);
         }
         let scalars = vec![
             ("loss/total".to_string(), losses.total.double_value(&[])),
             ("loss/mse".to_string(), losses.mse.double_value(&[])),
             ("loss/cos".to_string(), losses.cos.double_value(&[])),
-            ("lr".to_string(), self.config.optim.lr),
+            ("lr".to_string(), o.lr),
             ("grad_norm".to_string(), grad_norm),
         ];
         Ok(StepReport { scalars, images: b as usize, skipped })

@@ -93,3 +93,13 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &[
     let bytes = safetensors::serialize(views, Some(meta))?;
     write_atomic(path, &bytes)
 }
+
+/// At most 8 of `items`, comma-separated, with a count of the rest (keeps error messages short).
+pub fn name_list(items: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut out = items.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if items.len() > SHOWN {
+        out.push_str(&format!(" (+{} more)", items.len() - SHOWN));
+    }
+    out
+}

@@ -10,13 +10,16 @@ use std::process::Command;
 fn claim_quick_runs_every_stage_and_reports() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("claim");
-    let result = Command::new(env!("CARGO_BIN_EXE_vtp"))
-        .args(["--threads", "2", "claim", "--quick", "--out"])
-        .arg(&out)
-        .arg("--inception")
-        .arg(common::fid_helper_weights())
-        .output()
-        .unwrap();
+    let claim = || {
+        Command::new(env!("CARGO_BIN_EXE_vtp"))
+            .args(["--threads", "2", "claim", "--quick", "--out"])
+            .arg(&out)
+            .arg("--inception")
+            .arg(common::fid_helper_weights())
+            .output()
+            .unwrap()
+    };
+    let result = claim();
     common::assert_success(&result, "vtp claim --quick");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("claim.json")).unwrap()).unwrap();
@@ -42,13 +45,7 @@ fn claim_quick_runs_every_stage_and_reports() {
         assert!(std::fs::metadata(out.join(png)).unwrap().len() > 1000, "{png} is empty");
     }
     // A second invocation finds every stage done and only re-renders the report.
-    let again = Command::new(env!("CARGO_BIN_EXE_vtp"))
-        .args(["--threads", "2", "claim", "--quick", "--out"])
-        .arg(&out)
-        .arg("--inception")
-        .arg(common::fid_helper_weights())
-        .output()
-        .unwrap();
+    let again = claim();
     common::assert_success(&again, "vtp claim --quick (again)");
     let log = String::from_utf8_lossy(&again.stderr);
     assert!(!log.contains(" …"), "a finished stage ran again:\n{log}");

@@ -100,17 +100,10 @@ fn bench_reconstruct(a: &BenchArgs, device: Device) -> Result<()> {
     let model = a.model.load(device)?;
     tch::manual_seed(a.model.seed + 1);
     let x = Tensor::randn([a.batch, 3, a.size, a.size], (Kind::Float, device));
-    let mut times = Vec::with_capacity(a.iters);
-    for i in 0..a.warmup + a.iters {
-        let t0 = Instant::now();
-        let y = model.get_latents_decoded_images(&model.get_reconstruction_latents(&x)?)?;
-        synchronize(device);
-        drop(y);
-        if i >= a.warmup {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(f64::total_cmp);
+    let times = timed(a, device, |_| {
+        drop(model.get_latents_decoded_images(&model.get_reconstruction_latents(&x)?)?);
+        Ok(())
+    })?;
     let median = times[times.len() / 2];
     let line = serde_json::json!({
         "impl": "vtp-rs", "preset": a.model.model.clone().unwrap_or(a.model.preset.clone()), "mode": "reconstruct",
@@ -172,22 +165,17 @@ fn bench_train_step(a: &BenchArgs, device: Device) -> Result<()> {
     let batch = synthetic_batch(&config, seed)?.to_device(device);
     let schedules = Schedules::new(&config.schedule, config.train.steps)?;
     let mut trainer = Pretrainer::new(config.clone(), ReconLoss::new(None), device)?;
-    let (mut times, mut rss) = (Vec::with_capacity(a.iters), serde_json::Map::new());
-    for i in 0..a.warmup + a.iters {
-        let t0 = Instant::now();
+    let mut rss = serde_json::Map::new();
+    let times = timed(a, device, |i| {
         let (_, _, skipped) = tch::with_grad(|| trainer.step(&batch, &schedules.at(i as u64), false))?;
-        synchronize(device);
         if skipped {
             bail!("step {i} had a non-finite loss or gradient");
         }
-        if i >= a.warmup {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-        if [20, 200].contains(&(i + 1)) {
+        if [19, 199].contains(&i) {
             rss.insert(format!("rss_after_{}_mib", i + 1), proc_status_mib("VmRSS").into());
         }
-    }
-    times.sort_by(f64::total_cmp);
+        Ok(())
+    })?;
     let median = times[times.len() / 2];
     let (c, images) = (&config, if a.mode == BenchMode::PretrainStep { config.batch.clip } else { config.batch.recon });
     let mut line = serde_json::json!({
@@ -213,9 +201,7 @@ fn bench_dit(a: &BenchArgs, device: Device) -> Result<()> {
     let y = Tensor::randint(c.num_classes, [a.batch], (Kind::Int64, device));
     let mut optim = dit_optimizer(&model, 0.9, 0.95, 1e-8);
     let sampler = SamplerConfig { steps: a.steps + 1, shift: 0.0, ..SamplerConfig::default() };
-    let mut times = Vec::with_capacity(a.iters);
-    for i in 0..a.warmup + a.iters {
-        let t0 = Instant::now();
+    let times = timed(a, device, |i| {
         if a.mode == BenchMode::DitTrainStep {
             let time = TimeSampling::OFFICIAL;
             let (_, _, skipped) =
@@ -227,12 +213,8 @@ fn bench_dit(a: &BenchArgs, device: Device) -> Result<()> {
             let z = Tensor::randn(shape, (Kind::Float, device));
             drop(sampler::sample(&z, &sampler, |x, t| model.forward(x, t, &y, false)));
         }
-        synchronize(device);
-        if i >= a.warmup {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(f64::total_cmp);
+        Ok(())
+    })?;
     let median = times[times.len() / 2];
     let line = serde_json::json!({
         "impl": "vtp-rs", "preset": a.model.preset, "mode": a.mode.name(), "batch": a.batch,
@@ -243,6 +225,25 @@ fn bench_dit(a: &BenchArgs, device: Device) -> Result<()> {
     });
     println!("{line}");
     Ok(())
+}
+
+/// Runs `iteration(i)` for `--warmup` + `--iters` iterations (waiting for the GPU after each) and
+/// returns the timed iterations' seconds, sorted.
+fn timed(a: &BenchArgs, device: Device, mut iteration: impl FnMut(usize) -> Result<()>) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(a.iters);
+    for i in 0..a.warmup + a.iters {
+        let t0 = Instant::now();
+        iteration(i)?;
+        synchronize(device);
+        if i >= a.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    if times.is_empty() {
+        bail!("--iters must be at least 1");
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
 }
 
 /// A memory field of `/proc/self/status` (`VmRSS`, `VmHWM`, …) in MiB; `None` where unavailable.

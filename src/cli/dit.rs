@@ -137,7 +137,7 @@ pub struct DitTrainArgs {
     #[arg(long, default_value = "tiny", value_parser = DIT_PRESETS)]
     preset: String,
     /// Latent statistics instead of the cache's: `vtp-s`, `vtp-b`, `vtp-l` (the released ones) or a
-    /// statistics file (`latent_stats.safetensors`).
+    /// statistics file (`latent_stats.safetensors`); recorded as the config's `stats`.
     #[arg(long)]
     stats: Option<String>,
     #[command(flatten)]
@@ -159,6 +159,9 @@ pub fn train(a: &DitTrainArgs, device: Device) -> Result<()> {
     if let Some(cache) = &a.cache {
         config.cache = cache.clone();
     }
+    if let Some(stats) = &a.stats {
+        config.stats = stats.clone();
+    }
     if config.cache.is_empty() {
         if a.run.print_config(&config)? {
             return Ok(());
@@ -166,8 +169,8 @@ pub fn train(a: &DitTrainArgs, device: Device) -> Result<()> {
         bail!("--cache DIR is required (a latent cache written by `vtp dit extract`)");
     }
     let mut cache = LatentCache::open(Path::new(&config.cache))?;
-    if let Some(spec) = &a.stats {
-        cache.stats = stats_override(spec)?;
+    if !config.stats.is_empty() {
+        cache.stats = stats_override(&config.stats)?;
     }
     config.resolve(&cache.manifest).with_context(|| format!("latent cache '{}'", config.cache))?;
     if a.run.print_config(&config)? {

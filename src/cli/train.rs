@@ -89,8 +89,9 @@ impl RunArgs {
         Ok(self.print_config)
     }
 
-    /// Builds the trainer with gradients on (the CLI runs under no_grad), then records `config` in
-    /// `dir` (only once the trainer could be built) and runs the shared loop, resuming when asked.
+    /// Builds the trainer with gradients on (the CLI runs under no_grad), then runs the shared loop,
+    /// resuming when asked; `config` is recorded in `dir` once the trainer is built and (when resuming)
+    /// its checkpoint restored, so a failed start leaves the run's config as it was.
     pub fn train<C: RunConfig, T: Trainer>(
         &self,
         dir: &Path,
@@ -99,8 +100,8 @@ impl RunArgs {
     ) -> Result<RunSummary> {
         tch::with_grad(|| {
             let (mut trainer, opts) = build()?;
-            write_config(dir, config)?;
-            run(&mut trainer, &RunOptions { stop_after: self.stop_after, ..opts }, dir, self.resume)
+            let opts = RunOptions { stop_after: self.stop_after, ..opts };
+            run(&mut trainer, &opts, dir, self.resume, || write_config(dir, config))
         })
     }
 }

@@ -43,6 +43,8 @@ pub struct CacheManifest {
     pub latent_shape: [i64; 3],
     /// Samples per shard.
     pub per_shard: usize,
+    /// The `--limit` of the extraction (`None`: the whole source).
+    pub limit: Option<usize>,
     /// Samples in each written shard, in order (`shard-00000.safetensors`, …).
     pub shards: Vec<usize>,
     /// Whether the source was read to its end (or `limit` reached).
@@ -138,6 +140,7 @@ fn fresh_manifest(model: &VtpModel, tokenizer: &str, opts: &ExtractOptions) -> R
         image_size: opts.image_size as i64,
         latent_shape: [c.vision_feature_bottleneck, grid, grid],
         per_shard: opts.per_shard,
+        limit: opts.limit,
         shards: Vec::new(),
         complete: false,
     })
@@ -148,17 +151,22 @@ fn check_same_cache(existing: &CacheManifest, new: &CacheManifest, dir: &Path) -
     let same = existing.fingerprint == new.fingerprint
         && existing.source == new.source
         && existing.label_set == new.label_set
+        && existing.num_classes == new.num_classes
         && existing.image_size == new.image_size
-        && existing.per_shard == new.per_shard;
+        && existing.per_shard == new.per_shard
+        && existing.limit == new.limit;
     if !same {
         bail!(
-            "'{}' holds a cache of another extraction (tokenizer {}, source '{}', labels '{}', {} px); \
-             choose another --out",
+            "'{}' holds a cache of another extraction (tokenizer {}, source '{}', labels '{}' of {} classes, \
+             {} px, {} per shard, limit {:?}); choose another --out",
             dir.display(),
             existing.fingerprint,
             existing.source,
             existing.label_set,
-            existing.image_size
+            existing.num_classes,
+            existing.image_size,
+            existing.per_shard,
+            existing.limit
         );
     }
     Ok(())

@@ -21,6 +21,8 @@ pub struct DitTrainConfig {
     pub preset: String,
     /// The latent cache folder (`vtp dit extract --out`).
     pub cache: String,
+    /// Latent statistics instead of the cache's: a released name or a file ("" = the cache's).
+    pub stats: String,
     pub train: TrainConfig,
     pub batch: DitBatchConfig,
     pub transport: TransportConfig,
@@ -110,6 +112,7 @@ impl DitTrainConfig {
         Self {
             preset: "tiny".into(),
             cache: String::new(),
+            stats: String::new(),
             train: TrainConfig { steps: 2000, seed: 0, deterministic: true, max_bad_steps: 5 },
             batch: DitBatchConfig { size: 64 },
             transport: TransportConfig::official(),
@@ -138,6 +141,7 @@ impl DitTrainConfig {
         Self {
             preset: "xl".into(),
             cache: String::new(),
+            stats: String::new(),
             train: TrainConfig { steps: 100_000, seed: 0, deterministic: false, max_bad_steps: 20 },
             batch: DitBatchConfig { size: 1024 },
             transport: TransportConfig::official(),
@@ -248,6 +252,7 @@ const DIT_KEY_DOCS: &[(&str, &str)] = &[
         "the preset these defaults come from: tiny (2-core CPU, the tiny tokenizer's latents) or xl (VTP's recipe)",
     ),
     ("cache", "the latent cache folder written by `vtp dit extract` (latents, labels, statistics)"),
+    ("stats", "latent statistics instead of the cache's: vtp-s, vtp-b, vtp-l (released, spec §5.4) or a file; \"\" = the cache's"),
     ("train.seed", "seed of every random draw (init, batch order, flips, times, noise, label dropout)"),
     ("train.deterministic", "draw every step's randomness from (seed, step) so --resume is bit-identical"),
     ("batch.size", "latents per step [VTP: 1024 global]"),

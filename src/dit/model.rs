@@ -639,7 +639,7 @@ impl LightningDit {
         let parts: Vec<String> = groups
             .iter()
             .filter(|(_, names)| !names.is_empty())
-            .map(|(what, names)| format!("{} {what}: {}", names.len(), list(names)))
+            .map(|(what, names)| format!("{} {what}: {}", names.len(), crate::io::name_list(names)))
             .collect();
         if !parts.is_empty() {
             bail!("'{}' does not match its LightningDiT config: {}", path.display(), parts.join("; "));
@@ -844,18 +844,5 @@ impl LightningDit {
     ) -> Tensor {
         let (x2, t2, y2) = self.cfg_batch(x, t, y);
         self.forward_with_cfg(&x2, &t2, &y2, scale, interval_start, guided).narrow(0, 0, x.size()[0])
-    }
-}
-
-/// At most this many names per list in a mismatch error.
-const MAX_LISTED: usize = 8;
-
-fn list(names: &[String]) -> String {
-    let shown: Vec<&str> = names.iter().take(MAX_LISTED).map(String::as_str).collect();
-    let more = names.len().saturating_sub(MAX_LISTED);
-    if more > 0 {
-        format!("{} (+{more} more)", shown.join(", "))
-    } else {
-        shown.join(", ")
     }
 }

@@ -7,19 +7,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
-/// At most this many names per list in a mismatch error.
-const MAX_LISTED: usize = 8;
-
-fn list(names: &[String]) -> String {
-    let shown: Vec<&str> = names.iter().take(MAX_LISTED).map(String::as_str).collect();
-    let more = names.len().saturating_sub(MAX_LISTED);
-    if more > 0 {
-        format!("{} (+{more} more)", shown.join(", "))
-    } else {
-        shown.join(", ")
-    }
-}
-
 /// Every tensor the file must hold: parameters plus persistent buffers, by official name.
 fn expected(model: &VtpModel) -> BTreeMap<String, Tensor> {
     let mut all: BTreeMap<String, Tensor> = model.vs.variables().into_iter().collect();
@@ -46,7 +33,7 @@ pub fn load(model: &mut VtpModel, path: &Path) -> Result<()> {
         let mut parts = Vec::new();
         for (what, names) in [("missing", &missing), ("unexpected", &unexpected), ("mis-shaped", &misshaped)] {
             if !names.is_empty() {
-                parts.push(format!("{} {what}: {}", names.len(), list(names)));
+                parts.push(format!("{} {what}: {}", names.len(), crate::io::name_list(names)));
             }
         }
         bail!("'{}' does not match its config.json: {}", path.display(), parts.join("; "));

@@ -162,16 +162,6 @@ pub fn load(dir: &Path) -> Result<(HashMap<String, Tensor>, serde_json::Value)> 
     Ok((tensors, state))
 }
 
-/// At most 8 of `items`, comma-separated, with a count of the rest (keeps error messages short).
-pub(crate) fn name_list(items: &[String]) -> String {
-    const SHOWN: usize = 8;
-    let mut out = items.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
-    if items.len() > SHOWN {
-        out.push_str(&format!(" (+{} more)", items.len() - SHOWN));
-    }
-    out
-}
-
 /// Copies `saved[prefix + name]` into every live tensor of `target` in place (no grad; converted to the
 /// live dtype and device). Every name is checked first: missing or mis-shaped ones are one error line
 /// listing them, and nothing is copied.
@@ -189,7 +179,11 @@ pub fn restore_into(target: &[(String, Tensor)], saved: &HashMap<String, Tensor>
         }
     }
     if !missing.is_empty() || !misshaped.is_empty() {
-        bail!("checkpoint does not match: missing [{}]; mis-shaped [{}]", name_list(&missing), name_list(&misshaped));
+        bail!(
+            "checkpoint does not match: missing [{}]; mis-shaped [{}]",
+            crate::io::name_list(&missing),
+            crate::io::name_list(&misshaped)
+        );
     }
     tch::no_grad(|| {
         for (name, live) in target {

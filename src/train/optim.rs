@@ -178,7 +178,7 @@ impl AdamW {
             check_entry(map, &state_key(&p.name, "step"), &[], &mut problems);
         }
         if !problems.is_empty() {
-            bail!("optimiser state does not match the parameters: {}", super::checkpoint::name_list(&problems));
+            bail!("optimiser state does not match the parameters: {}", crate::io::name_list(&problems));
         }
         tch::no_grad(|| {
             for (p, s) in self.params.iter().zip(self.state.iter_mut()) {

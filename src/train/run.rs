@@ -165,8 +165,15 @@ fn all_terms(scalars: &[(String, f64)]) -> String {
 
 /// Runs `trainer` for `opts.steps` steps in `run_dir` (which holds metrics, plots, checkpoints and
 /// the exported model), from the newest checkpoint when `resume`.
-pub fn run(trainer: &mut dyn Trainer, opts: &RunOptions, run_dir: &Path, resume: bool) -> Result<RunSummary> {
+pub fn run(
+    trainer: &mut dyn Trainer,
+    opts: &RunOptions,
+    run_dir: &Path,
+    resume: bool,
+    on_ready: impl FnOnce() -> Result<()>,
+) -> Result<RunSummary> {
     let start = if resume { restore_latest(trainer, run_dir)? } else { 0 };
+    on_ready()?;
     let mut metrics = MetricsLog::open(run_dir, resume.then_some(start))?;
     let stop = stop_flag()?;
     let bar = bar(start, opts.steps);

@@ -112,3 +112,36 @@ pub fn print_config(command: &str) -> String {
     }
     text
 }
+
+/// [`init_tiny_model`]'s sizes (one encoder block) plus the `extra` JSON fields (e.g.
+/// `"vision_feature_bottleneck": 16`), initialised by `vtp init --seed seed` into `dir/name`.
+pub fn init_tiny_model_with(dir: &Path, name: &str, extra: &str, seed: u32) -> PathBuf {
+    let config = dir.join(format!("{name}.json"));
+    let comma = if extra.is_empty() { "" } else { ", " };
+    let json = format!(
+        r#"{{"vision_embed_dim": 32, "vision_depth": 1, "vision_num_heads": 2, "decoder_embed_dim": 32,
+            "decoder_depth": 1, "decoder_num_heads": 2, "text_embed_dim": 32, "text_depth": 1, "text_num_heads": 2{comma}{extra}}}"#
+    );
+    std::fs::write(&config, json).unwrap();
+    let model = dir.join(name);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vtp"))
+        .args(["init", "--config", s(&config), "--out", s(&model), "--seed", &seed.to_string()])
+        .output()
+        .unwrap();
+    assert_success(&out, "vtp init");
+    model
+}
+
+/// [`print_config`] for a command of several words (`["dit", "train"]`) and extra arguments.
+pub fn print_config_of(args: &[&str]) -> String {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vtp")).args(args).arg("--print-config").output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "vtp {} --print-config: {}", args.join(" "), stderr(&o));
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if line.contains(" = ") && !line.starts_with('#') {
+            assert!(i > 0 && lines[i - 1].starts_with("# ") && !lines[i - 1].contains("(undocumented)"), "{line}");
+        }
+    }
+    text
+}

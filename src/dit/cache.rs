@@ -44,6 +44,7 @@ pub struct CacheManifest {
     /// Samples per shard.
     pub per_shard: usize,
     /// The `--limit` of the extraction (`None`: the whole source).
+    #[serde(default)]
     pub limit: Option<usize>,
     /// Samples in each written shard, in order (`shard-00000.safetensors`, …).
     pub shards: Vec<usize>,

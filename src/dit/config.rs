@@ -22,6 +22,7 @@ pub struct DitTrainConfig {
     /// The latent cache folder (`vtp dit extract --out`).
     pub cache: String,
     /// Latent statistics instead of the cache's: a released name or a file ("" = the cache's).
+    #[serde(default)]
     pub stats: String,
     pub train: TrainConfig,
     pub batch: DitBatchConfig,

@@ -5,7 +5,7 @@
 mod common;
 use common::{assert_one_line_error, s};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 use vtp::data::source::{self, StreamOptions};
 use vtp::dit::stats::LatentStats;
@@ -14,42 +14,9 @@ use vtp::io::read_safetensors_map;
 /// 48 synthetic 32-px images: with the tiny tokenizer (patch 16) 2×2 latents.
 const DATA: &str = "synthetic:train?n=48&res=32";
 
-/// A tiny, fast DiT run on the 2×2 latents.
-const TINY: &[&str] = &[
-    "model.hidden_size=32",
-    "model.depth=1",
-    "model.num_heads=2",
-    "batch.size=16",
-    "log.every=1",
-    "sample.steps=3",
-    "eval.samples=16",
-    "eval.grid_images=1",
-    "checkpoint.every=1000",
-];
-
-fn vtp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vtp")).args(["--threads", "1"]).args(args).output().expect("vtp runs")
-}
-
-/// `vtp dit extract` of `data` at 32 px with `tokenizer` into `out`, then `extra`.
-fn extract(tokenizer: &Path, data: &str, out: &Path, extra: &[&str]) -> Output {
-    let args = ["dit", "extract", "--model", s(tokenizer), "--data", data, "--out", s(out), "--size", "32"];
-    vtp(&[&args[..], &["--per-shard", "32", "--batch", "16"], extra].concat())
-}
-
-/// `vtp dit train --cache CACHE --out RUN` with [`TINY`], then `extra`.
-fn train(cache: &Path, run: &Path, extra: &[&str]) -> Output {
-    vtp(&[&["dit", "train", "--cache", s(cache), "--out", s(run)][..], TINY, extra].concat())
-}
-
 /// `vtp dit sample --dit DIT --out OUT --steps 3`, then `extra`.
 fn sample(dit: &Path, out: &Path, extra: &[&str]) -> Output {
-    vtp(&[&["dit", "sample", "--dit", s(dit), "--out", s(out), "--steps", "3"][..], extra].concat())
-}
-
-/// [`common::assert_one_line_error`], also past a run's `step N …` log lines.
-fn assert_run_error(o: &Output, needles: &[&str]) {
-    common::assert_one_line_error_skipping(o, &["note:", "step "], needles);
+    common::vtp(&[&["dit", "sample", "--dit", s(dit), "--out", s(out), "--steps", "3"][..], extra].concat())
 }
 
 /// What the tests share (read-only; a test that changes something works on a copy): a tiny
@@ -76,9 +43,9 @@ fn fixture() -> &'static Fixture {
         std::fs::create_dir_all(&dir).unwrap();
         let tokenizer = common::init_tiny_model(&dir, 1);
         let cache = dir.join("cache");
-        common::assert_success(&extract(&tokenizer, DATA, &cache, &[]), "vtp dit extract");
+        common::assert_success(&common::dit_extract(&tokenizer, DATA, &cache, "32", &[]), "vtp dit extract");
         let run = dir.join("run");
-        common::assert_success(&train(&cache, &run, &["train.steps=2"]), "vtp dit train");
+        common::assert_success(&common::dit_train(&cache, &run, &["train.steps=2"]), "vtp dit train");
         Fixture { tokenizer, cache, run }
     })
 }
@@ -105,11 +72,11 @@ fn a_cache_or_a_tokenizer_of_another_tokenizer_is_refused() {
     let cache = tmp.path().join("cache");
     copy_dir(&f.cache, &cache);
     let before = std::fs::read(cache.join("cache.json")).unwrap();
-    let o = extract(&other, DATA, &cache, &[]);
+    let o = common::dit_extract(&other, DATA, &cache, "32", &[]);
     assert_one_line_error(&o, &[s(&cache), "holds a cache of another extraction", "choose another --out"]);
     assert_eq!(std::fs::read(cache.join("cache.json")).unwrap(), before, "the cache is left as it was");
     // The same tokenizer but another source is another extraction too.
-    let o = extract(&f.tokenizer, "synthetic:train?n=40&res=32", &cache, &[]);
+    let o = common::dit_extract(&f.tokenizer, "synthetic:train?n=40&res=32", &cache, "32", &[]);
     assert_one_line_error(&o, &["holds a cache of another extraction"]);
 
     let o = sample(&f.run.join("model"), &tmp.path().join("samples"), &["--tokenizer", s(&other)]);
@@ -124,7 +91,7 @@ fn missing_latent_statistics_are_an_error() {
     let cache = tmp.path().join("cache");
     copy_dir(&f.cache, &cache);
     std::fs::remove_file(cache.join("latent_stats.safetensors")).unwrap();
-    let o = train(&cache, &tmp.path().join("run"), &["train.steps=1"]);
+    let o = common::dit_train(&cache, &tmp.path().join("run"), &["train.steps=1"]);
     assert_one_line_error(&o, &[s(&cache), "statistics missing", "latent_stats.safetensors"]);
 
     let dit = tmp.path().join("dit");
@@ -144,12 +111,24 @@ fn a_label_outside_the_class_range_names_the_sample() {
         .find(|s| s.labels["shape"] >= 3)
         .expect("a sample of shape class ≥ 3");
     let label = first.labels["shape"];
-    let o = extract(&f.tokenizer, DATA, &tmp.path().join("cache"), &["--labels", "shape", "--num-classes", "3"]);
+    let o = common::dit_extract(
+        &f.tokenizer,
+        DATA,
+        &tmp.path().join("cache"),
+        "32",
+        &["--labels", "shape", "--num-classes", "3"],
+    );
     let named = format!("sample '{}': label {label} is outside the class range 0..3", first.key);
     assert_one_line_error(&o, &[&named]);
-    let o = extract(&f.tokenizer, DATA, &tmp.path().join("cache2"), &["--labels", "mood"]);
+    let o = common::dit_extract(&f.tokenizer, DATA, &tmp.path().join("cache2"), "32", &["--labels", "mood"]);
     assert_one_line_error(&o, &["--num-classes", "mood"]);
-    let o = extract(&f.tokenizer, DATA, &tmp.path().join("cache3"), &["--labels", "mood", "--num-classes", "2"]);
+    let o = common::dit_extract(
+        &f.tokenizer,
+        DATA,
+        &tmp.path().join("cache3"),
+        "32",
+        &["--labels", "mood", "--num-classes", "2"],
+    );
     assert_one_line_error(&o, &["has no 'mood' label", "shape"]);
 }
 
@@ -160,8 +139,8 @@ fn a_dit_of_another_config_is_refused_naming_the_keys() {
     let run = tmp.path().join("run");
     copy_dir(&f.run, &run);
     // --resume takes the run's config.toml, then the overrides: another width cannot load the checkpoint.
-    let o = vtp(&["dit", "train", "--out", s(&run), "--resume", "model.hidden_size=64"]);
-    assert_run_error(
+    let o = common::vtp(&["dit", "train", "--out", s(&run), "--resume", "model.hidden_size=64"]);
+    common::assert_run_error(
         &o,
         &[
             "checkpoint does not match",
@@ -193,10 +172,10 @@ fn a_failed_resume_leaves_the_run_resumable() {
     let run = tmp.path().join("run");
     copy_dir(&f.run, &run);
     let before = std::fs::read_to_string(run.join("config.toml")).unwrap();
-    let o = vtp(&["dit", "train", "--out", s(&run), "--resume", "model.hidden_size=64"]);
-    assert_run_error(&o, &["checkpoint does not match"]);
+    let o = common::vtp(&["dit", "train", "--out", s(&run), "--resume", "model.hidden_size=64"]);
+    common::assert_run_error(&o, &["checkpoint does not match"]);
     assert_eq!(std::fs::read_to_string(run.join("config.toml")).unwrap(), before, "config.toml unchanged");
-    let o = vtp(&["dit", "train", "--out", s(&run), "--resume", "train.steps=3"]);
+    let o = common::vtp(&["dit", "train", "--out", s(&run), "--resume", "train.steps=3"]);
     common::assert_success(&o, "a plain --resume after a failed one");
 }
 
@@ -205,9 +184,15 @@ fn unknown_config_keys_are_one_line_errors_and_print_config_comments_every_key()
     let f = fixture();
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    assert_run_error(&train(&f.cache, &run, &["model.hiden_size=3"]), &["unknown config key 'model.hiden_size'"]);
-    assert_run_error(&train(&f.cache, &run, &["trian.steps=3"]), &["unknown config key 'trian"]);
-    assert_run_error(&train(&f.cache, &run, &["train.stepz=3"]), &["unknown config key 'train.stepz'"]);
+    common::assert_run_error(
+        &common::dit_train(&f.cache, &run, &["model.hiden_size=3"]),
+        &["unknown config key 'model.hiden_size'"],
+    );
+    common::assert_run_error(&common::dit_train(&f.cache, &run, &["trian.steps=3"]), &["unknown config key 'trian"]);
+    common::assert_run_error(
+        &common::dit_train(&f.cache, &run, &["train.stepz=3"]),
+        &["unknown config key 'train.stepz'"],
+    );
     assert!(!run.join("config.toml").exists(), "nothing is written for a bad config");
 
     let text = common::print_config_of(&["dit", "train"]);
@@ -248,16 +233,16 @@ fn sample_writes_the_pngs_and_released_stats_must_match_the_channels() {
 
     // The released VTP statistics have 64 channels: they replace a 64-channel cache's own …
     let run = tmp.path().join("vtp-s");
-    common::assert_success(&train(&f.cache, &run, &["train.steps=1", "--stats", "vtp-s"]), "--stats vtp-s");
+    common::assert_success(&common::dit_train(&f.cache, &run, &["train.steps=1", "--stats", "vtp-s"]), "--stats vtp-s");
     let released = LatentStats::released("vtp-s").unwrap();
     let exported = read_safetensors_map(&run.join("model/latent_stats.safetensors")).unwrap();
     assert!(exported["mean"].equal(&released.mean) && exported["std"].equal(&released.std));
     // … and are refused for latents of another channel count.
     let narrow = common::init_tiny_model_with(tmp.path(), "narrow", r#""vision_feature_bottleneck": 16"#, 0);
     let cache16 = tmp.path().join("cache16");
-    common::assert_success(&extract(&narrow, DATA, &cache16, &[]), "vtp dit extract (16 channels)");
-    let o = train(&cache16, &tmp.path().join("run16"), &["train.steps=1", "--stats", "vtp-s"]);
-    assert_run_error(&o, &["latent statistics have 64 channels, the latents 16"]);
+    common::assert_success(&common::dit_extract(&narrow, DATA, &cache16, "32", &[]), "vtp dit extract (16 channels)");
+    let o = common::dit_train(&cache16, &tmp.path().join("run16"), &["train.steps=1", "--stats", "vtp-s"]);
+    common::assert_run_error(&o, &["latent statistics have 64 channels, the latents 16"]);
     let o = sample(
         &f.run.join("model"),
         &tmp.path().join("bad"),

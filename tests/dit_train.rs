@@ -7,7 +7,6 @@ mod common;
 use common::{s, stderr};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use tch::{Device, Kind, Tensor};
 use vtp::data::image::{prepare_rgb, Fit};
 use vtp::data::source::{self, StreamOptions};
@@ -18,61 +17,18 @@ use vtp::dit::stats::LatentStats;
 use vtp::dit::train::sample_latents;
 use vtp::io::read_safetensors_map;
 use vtp::model::VtpModel;
-use vtp::train::metrics::read_jsonl;
 
 /// 96 synthetic 32-px images: with the tiny tokenizer (patch 16) 2×2 latents of 64 channels.
 const DATA: &str = "synthetic:train?n=96&res=32";
 /// Latent channels of [`common::init_tiny_model`] (`vision_feature_bottleneck` default).
 const C: i64 = 64;
 
-/// A tiny, fast DiT run on the 2×2 latents.
-const TINY: &[&str] = &[
-    "model.hidden_size=32",
-    "model.depth=1",
-    "model.num_heads=2",
-    "batch.size=16",
-    "log.every=1",
-    "sample.steps=3",
-    "eval.samples=16",
-    "eval.grid_images=1",
-    "checkpoint.every=1000",
-];
-
-fn vtp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vtp")).args(["--threads", "1"]).args(args).output().expect("vtp runs")
-}
-
-/// `vtp dit extract` of [`DATA`] at 32 px with `tokenizer` into `out`, 40 samples a shard, then `extra`.
-fn extract(tokenizer: &Path, out: &Path, extra: &[&str]) -> Output {
-    let args = ["dit", "extract", "--model", s(tokenizer), "--data", DATA, "--out", s(out), "--size", "32"];
-    vtp(&[&args[..], &["--per-shard", "40", "--batch", "16"], extra].concat())
-}
-
-/// `vtp dit train --cache CACHE --out RUN` with [`TINY`], then `extra`.
-fn train(cache: &Path, run: &Path, extra: &[&str]) -> Output {
-    vtp(&[&["dit", "train", "--cache", s(cache), "--out", s(run)][..], TINY, extra].concat())
-}
-
 /// A tiny tokenizer and its extracted cache under `dir`.
 fn tokenizer_and_cache(dir: &Path) -> (PathBuf, PathBuf) {
     let model = common::init_tiny_model(dir, 1);
     let cache = dir.join("cache");
-    common::assert_success(&extract(&model, &cache, &[]), "vtp dit extract");
+    common::assert_success(&common::dit_extract(&model, DATA, &cache, "40", &[]), "vtp dit extract");
     (model, cache)
-}
-
-/// [`common::assert_one_line_error`], also past the run's `step N …` log lines.
-fn assert_one_line_error(o: &Output, needles: &[&str]) {
-    common::assert_one_line_error_skipping(o, &["note:", "step "], needles);
-}
-
-/// The per-step values of `key` in the run's metrics.jsonl.
-fn series(run: &Path, key: &str) -> Vec<f64> {
-    read_jsonl(&run.join("metrics.jsonl")).unwrap().iter().filter_map(|r| r.get(key)?.as_f64()).collect()
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len() as f64
 }
 
 /// Asserts two tensor maps have the same keys and bit-identical tensors (same dtype, shape, bytes).
@@ -148,7 +104,7 @@ fn latent_statistics_round_trip_and_are_applied_exactly_once() {
 
     // The run's checkpoint and export carry the same statistics, bit for bit.
     let run = tmp.path().join("run");
-    common::assert_success(&train(&cache_dir, &run, &["train.steps=2"]), "vtp dit train");
+    common::assert_success(&common::dit_train(&cache_dir, &run, &["train.steps=2"]), "vtp dit train");
     let latest = vtp::train::checkpoint::latest(&run).unwrap().expect("a checkpoint");
     let (tensors, _) = vtp::train::checkpoint::load(&latest).unwrap();
     let exported = read_safetensors_map(&run.join("model").join(STATS)).unwrap();
@@ -194,7 +150,7 @@ fn extraction_resumes_to_identical_shards_and_flips_are_the_flipped_images_laten
     let tmp = tempfile::tempdir().unwrap();
     let (model_dir, whole) = tokenizer_and_cache(tmp.path());
     let split = tmp.path().join("split");
-    common::assert_success(&extract(&model_dir, &split, &[]), "vtp dit extract");
+    common::assert_success(&common::dit_extract(&model_dir, DATA, &split, "40", &[]), "vtp dit extract");
     // An extraction interrupted before its last shard: that shard, the statistics (written once
     // complete) and the completion mark are missing.
     std::fs::remove_file(CacheManifest::shard_path(&split, 2)).unwrap();
@@ -204,7 +160,7 @@ fn extraction_resumes_to_identical_shards_and_flips_are_the_flipped_images_laten
     manifest.complete = false;
     std::fs::write(split.join("cache.json"), serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
     assert!(LatentCache::open(&split).is_err(), "an unfinished cache does not open for training");
-    let o = extract(&model_dir, &split, &[]);
+    let o = common::dit_extract(&model_dir, DATA, &split, "40", &[]);
     common::assert_success(&o, "continued vtp dit extract");
     assert!(String::from_utf8_lossy(&o.stdout).contains("96 latents [64, 2, 2]"), "{}", stderr(&o));
     for name in ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors", "cache.json", STATS] {
@@ -237,11 +193,13 @@ fn dit_resume_is_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, cache) = tokenizer_and_cache(tmp.path());
     let (whole, split) = (tmp.path().join("whole"), tmp.path().join("split"));
-    common::assert_success(&train(&cache, &whole, &["train.steps=6"]), "vtp dit train");
-    let o = train(&cache, &split, &["train.steps=6", "--stop-after", "3"]);
+    common::assert_success(&common::dit_train(&cache, &whole, &["train.steps=6"]), "vtp dit train");
+    let o = common::dit_train(&cache, &split, &["train.steps=6", "--stop-after", "3"]);
     common::assert_success(&o, "vtp dit train --stop-after 3");
     assert!(!split.join("model").exists(), "stopped before the end: nothing exported yet");
-    let o = vtp(&[&["dit", "train", "--out", s(&split), "--resume"][..], TINY, &["train.steps=6"]].concat());
+    let o = common::vtp(
+        &[&["dit", "train", "--out", s(&split), "--resume"][..], common::DIT_TINY, &["train.steps=6"]].concat(),
+    );
     common::assert_success(&o, "vtp dit train --resume");
     assert!(stderr(&o).contains("resuming from") && stderr(&o).contains("step 3"), "{}", stderr(&o));
 
@@ -253,8 +211,12 @@ fn dit_resume_is_bit_identical() {
         assert!(a.keys().any(|k| k.starts_with(prefix)), "the checkpoint has {prefix}* tensors");
     }
     assert_bit_identical(&a, &b, "step-6 checkpoint");
-    assert_eq!(series(&whole, "loss/total"), series(&split, "loss/total"), "the same losses, each step once");
-    assert_eq!(series(&whole, "loss/total").len(), 6);
+    assert_eq!(
+        common::series(&whole, "loss/total"),
+        common::series(&split, "loss/total"),
+        "the same losses, each step once"
+    );
+    assert_eq!(common::series(&whole, "loss/total").len(), 6);
 }
 
 #[test]
@@ -262,7 +224,7 @@ fn an_injected_nan_is_skipped_and_a_run_that_stays_nan_stops() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, cache) = tokenizer_and_cache(tmp.path());
     let run = tmp.path().join("nan");
-    let o = train(&cache, &run, &["train.steps=6", "debug.nan_at_steps=[2]"]);
+    let o = common::dit_train(&cache, &run, &["train.steps=6", "debug.nan_at_steps=[2]"]);
     common::assert_success(&o, "vtp dit train with one NaN step");
     let err = stderr(&o);
     assert!(err.contains("step 3: non-finite loss or gradient, step skipped: loss/total=NaN"), "{err}");
@@ -271,15 +233,15 @@ fn an_injected_nan_is_skipped_and_a_run_that_stays_nan_stops() {
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
-    assert_eq!(series(&run, "skipped_step"), [1.0]);
-    assert_eq!(series(&run, "loss/total").len(), 5, "the skipped step's loss is not logged");
+    assert_eq!(common::series(&run, "skipped_step"), [1.0]);
+    assert_eq!(common::series(&run, "loss/total").len(), 5, "the skipped step's loss is not logged");
     assert!(run.join("model/model.safetensors").is_file());
 
     let all = tmp.path().join("all-nan");
     let every: Vec<String> = (0..10).map(|i| i.to_string()).collect();
     let nan = format!("debug.nan_at_steps=[{}]", every.join(","));
-    let o = train(&cache, &all, &["train.steps=10", "train.max_bad_steps=3", &nan]);
-    assert_one_line_error(&o, &["stopped at step 3 after 3 consecutive non-finite steps", "no checkpoint"]);
+    let o = common::dit_train(&cache, &all, &["train.steps=10", "train.max_bad_steps=3", &nan]);
+    common::assert_run_error(&o, &["stopped at step 3 after 3 consecutive non-finite steps", "no checkpoint"]);
     assert!(!all.join("model").exists() && vtp::train::checkpoint::latest(&all).unwrap().is_none());
 }
 
@@ -288,10 +250,10 @@ fn the_flow_loss_falls() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, cache) = tokenizer_and_cache(tmp.path());
     let run = tmp.path().join("run");
-    common::assert_success(&train(&cache, &run, &["train.steps=150", "optim.lr=1e-3"]), "vtp dit train");
-    let loss = series(&run, "loss/total");
+    common::assert_success(&common::dit_train(&cache, &run, &["train.steps=150", "optim.lr=1e-3"]), "vtp dit train");
+    let loss = common::series(&run, "loss/total");
     assert_eq!(loss.len(), 150);
-    let (first, last) = (mean(&loss[..20]), mean(&loss[130..]));
+    let (first, last) = (common::mean(&loss[..20]), common::mean(&loss[130..]));
     println!("loss/total: first 20 steps {first:.4}, last 20 steps {last:.4}");
     assert!(last < 0.9 * first, "the flow loss did not fall ({first} -> {last})");
     assert!(run.join("samples").read_dir().unwrap().next().is_some(), "a sample grid was written");

@@ -60,21 +60,6 @@ fn assert_ok(o: &Output) {
     common::assert_success(o, "vtp pretrain");
 }
 
-/// [`common::assert_one_line_error`], also past the run's `step N …` log lines (printed when stderr
-/// is not a terminal).
-fn assert_one_line_error(o: &Output, needles: &[&str]) {
-    common::assert_one_line_error_skipping(o, &["note:", "step "], needles);
-}
-
-/// The per-step values of `key` in the run's metrics.jsonl.
-fn series(run: &Path, key: &str) -> Vec<f64> {
-    read_jsonl(&run.join("metrics.jsonl")).unwrap().iter().filter_map(|r| r.get(key)?.as_f64()).collect()
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len() as f64
-}
-
 #[test]
 fn every_ablation_learns_every_enabled_term() {
     let tmp = tempfile::tempdir().unwrap();
@@ -89,15 +74,15 @@ fn every_ablation_learns_every_enabled_term() {
         let o = pretrain(&out, &[&format!("objectives={objectives}"), &format!("train.steps={steps}")]);
         assert_ok(&o);
         for term in terms {
-            let v = series(&out, term);
+            let v = common::series(&out, term);
             assert_eq!(v.len(), steps, "{objectives}: {term} logged every step");
-            let (first, last) = (mean(&v[..8]), mean(&v[v.len() - 8..]));
+            let (first, last) = (common::mean(&v[..8]), common::mean(&v[v.len() - 8..]));
             println!("{objectives} {term}: first 8 steps {first:.4}, last 8 steps {last:.4}");
             assert!(last < first, "{objectives}: {term} did not fall ({first} -> {last})");
         }
         let absent = ["loss/clip", "loss/dino"].iter().filter(|t| !terms.contains(t));
         for term in absent {
-            assert!(series(&out, term).is_empty(), "{objectives}: {term} should not be trained");
+            assert!(common::series(&out, term).is_empty(), "{objectives}: {term} should not be trained");
         }
         assert!(out.join("model/model.safetensors").is_file() && out.join("plots/losses.png").is_file());
     }
@@ -130,7 +115,7 @@ fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
         .filter_map(|r| r["step"].as_f64())
         .collect();
     assert_eq!(steps, (1..=8).map(f64::from).collect::<Vec<_>>(), "each step logged once");
-    assert_eq!(series(&whole, "loss/total"), series(&split, "loss/total"));
+    assert_eq!(common::series(&whole, "loss/total"), common::series(&split, "loss/total"));
 }
 
 /// A shard of `good` synthetic samples (written by `vtp data write-shards`) plus `bad` corrupt ones.
@@ -167,7 +152,7 @@ fn corrupt_samples_are_skipped_and_counted() {
     // 29 samples an epoch, the 5 corrupt ones first: step 1 skips them and reads 16 good ones, step 2
     // the last 8 and, in the second epoch, skips them again before 8 more; step 3 reads 16 good ones.
     assert_ok(&pretrain(&out, &[&format!("data.source={source}"), "data.workers=1", "train.steps=3"]));
-    assert_eq!(series(&out, "data/skipped_samples"), [5.0, 10.0, 10.0], "the corrupt samples are counted");
+    assert_eq!(common::series(&out, "data/skipped_samples"), [5.0, 10.0, 10.0], "the corrupt samples are counted");
 }
 
 #[test]
@@ -179,7 +164,7 @@ fn an_injected_nan_is_skipped_and_reported() {
     let err = stderr(&o);
     assert!(err.contains("step 3: non-finite loss or gradient, step skipped") && err.contains("loss/clip="), "{err}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("6 steps (1 skipped)"));
-    assert_eq!(series(&out, "skipped_step"), [1.0]);
+    assert_eq!(common::series(&out, "skipped_step"), [1.0]);
 }
 
 #[test]
@@ -189,7 +174,7 @@ fn a_run_that_stays_nan_stops_with_its_checkpoint_loadable() {
     let nan_from_4: Vec<String> = (4..20).map(|i| i.to_string()).collect();
     let nan = format!("debug.nan_at_steps=[{}]", nan_from_4.join(","));
     let o = pretrain(&out, &["train.steps=20", "checkpoint.every=2", "train.max_bad_steps=3", &nan]);
-    assert_one_line_error(&o, &["stopped at step 7 after 3 consecutive non-finite steps", "step-00000004"]);
+    common::assert_run_error(&o, &["stopped at step 7 after 3 consecutive non-finite steps", "step-00000004"]);
     let latest = vtp::train::checkpoint::latest(&out).unwrap().expect("a checkpoint");
     assert!(latest.ends_with("step-00000004"), "{}", latest.display());
     let (tensors, state) = vtp::train::checkpoint::load(&latest).unwrap();
@@ -235,31 +220,31 @@ fn print_config_comments_every_key_and_bad_input_is_one_line() {
     assert!(text.contains("[schedule]") && text.contains("steps = 800"), "{text}");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    assert_one_line_error(&pretrain(&out, &["train.stepz=3"]), &["unknown config key 'train.stepz'"]);
-    assert_one_line_error(&pretrain(&out, &["model.vision_depht=3"]), &["unknown config key 'model.vision_depht'"]);
-    assert_one_line_error(&pretrain(&out, &["train.steps"]), &["train.steps", "key=value"]);
-    assert_one_line_error(&pretrain(&out, &["train.steps=many"]), &["train.steps"]);
-    assert_one_line_error(&pretrain(&out, &["batch.ssl=99"]), &["batch.ssl = 99 is larger than the batch"]);
+    common::assert_run_error(&pretrain(&out, &["train.stepz=3"]), &["unknown config key 'train.stepz'"]);
+    common::assert_run_error(&pretrain(&out, &["model.vision_depht=3"]), &["unknown config key 'model.vision_depht'"]);
+    common::assert_run_error(&pretrain(&out, &["train.steps"]), &["train.steps", "key=value"]);
+    common::assert_run_error(&pretrain(&out, &["train.steps=many"]), &["train.steps"]);
+    common::assert_run_error(&pretrain(&out, &["batch.ssl=99"]), &["batch.ssl = 99 is larger than the batch"]);
     let missing = tmp.path().join("nope/{0..3}.tar");
-    assert_one_line_error(&pretrain(&out, &[&format!("data.source={}", s(&missing)), "train.steps=2"]), &["nope"]);
-    assert_one_line_error(&pretrain(&out, &["data.source=x/{5..1}.tar"]), &["{5..1}", "backwards"]);
+    common::assert_run_error(&pretrain(&out, &[&format!("data.source={}", s(&missing)), "train.steps=2"]), &["nope"]);
+    common::assert_run_error(&pretrain(&out, &["data.source=x/{5..1}.tar"]), &["{5..1}", "backwards"]);
     let config = tmp.path().join("bad.toml");
     std::fs::write(&config, "[train]\nsteps = 3\nseeed = 1\n").unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_vtp"))
         .args(["pretrain", "--config", s(&config), "--out", s(&out)])
         .output()
         .unwrap();
-    assert_one_line_error(&o, &["bad.toml", "unknown config key 'train.seeed'"]);
+    common::assert_run_error(&o, &["bad.toml", "unknown config key 'train.seeed'"]);
     assert!(!out.join("config.toml").exists(), "nothing is written for a bad config");
 
     // An existing run is never overwritten; an unwritable --out is a one-line error.
     let done = tmp.path().join("done");
     assert_ok(&pretrain(&done, &["train.steps=3"]));
     let before = std::fs::read(done.join("model/model.safetensors")).unwrap();
-    assert_one_line_error(&pretrain(&done, &["train.steps=3"]), &["already holds a run", "--resume"]);
+    common::assert_run_error(&pretrain(&done, &["train.steps=3"]), &["already holds a run", "--resume"]);
     assert_eq!(std::fs::read(done.join("model/model.safetensors")).unwrap(), before);
     let file = tmp.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
     let under_file: PathBuf = file.join("run");
-    assert_one_line_error(&pretrain(&under_file, &["train.steps=3"]), &["a-file"]);
+    common::assert_run_error(&pretrain(&under_file, &["train.steps=3"]), &["a-file"]);
 }

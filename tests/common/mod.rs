@@ -145,3 +145,56 @@ pub fn print_config_of(args: &[&str]) -> String {
     }
     text
 }
+
+/// Runs `vtp --threads 1 ARGS…`.
+pub fn vtp(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_vtp"))
+        .args(["--threads", "1"])
+        .args(args)
+        .output()
+        .expect("vtp runs")
+}
+
+/// A tiny, fast DiT run on 2×2 latents (`vtp dit train` overrides).
+pub const DIT_TINY: &[&str] = &[
+    "model.hidden_size=32",
+    "model.depth=1",
+    "model.num_heads=2",
+    "batch.size=16",
+    "log.every=1",
+    "sample.steps=3",
+    "eval.samples=16",
+    "eval.grid_images=1",
+    "checkpoint.every=1000",
+];
+
+/// `vtp dit extract` of `data` at 32 px with `tokenizer` into `out`, `per_shard` samples a shard, then `extra`.
+pub fn dit_extract(tokenizer: &Path, data: &str, out: &Path, per_shard: &str, extra: &[&str]) -> Output {
+    let args = ["dit", "extract", "--model", s(tokenizer), "--data", data, "--out", s(out), "--size", "32"];
+    vtp(&[&args[..], &["--per-shard", per_shard, "--batch", "16"], extra].concat())
+}
+
+/// `vtp dit train --cache CACHE --out RUN` with [`DIT_TINY`], then `extra`.
+pub fn dit_train(cache: &Path, run: &Path, extra: &[&str]) -> Output {
+    vtp(&[&["dit", "train", "--cache", s(cache), "--out", s(run)][..], DIT_TINY, extra].concat())
+}
+
+/// [`assert_one_line_error`], also past a run's `step N …` log lines (printed when stderr is not a
+/// terminal).
+pub fn assert_run_error(o: &Output, needles: &[&str]) {
+    assert_one_line_error_skipping(o, &["note:", "step "], needles);
+}
+
+/// The per-step values of `key` in a run's metrics.jsonl.
+pub fn series(run: &Path, key: &str) -> Vec<f64> {
+    vtp::train::metrics::read_jsonl(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.get(key)?.as_f64())
+        .collect()
+}
+
+/// The mean of `v`.
+pub fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}

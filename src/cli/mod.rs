@@ -3,6 +3,7 @@ mod bench;
 mod claim;
 mod clip;
 mod data;
+mod dist;
 mod dit;
 mod eval;
 mod fid;
@@ -83,6 +84,12 @@ enum Command {
     /// The paper's claim at small scale: `ae` vs `all` tokenizers at several pre-training budgets, the
     /// same DiT on each latent space, FID and sample class accuracy; a table and plots (README).
     Claim(claim::ClaimArgs),
+    /// Start N ranks of a `vtp` command on this machine (torchrun's job without Python):
+    /// `vtp launch --nproc-per-node 2 -- pretrain --preset tiny --out runs/x`.
+    Launch(dist::LaunchArgs),
+    /// Check the distributed setup: every collective against its exact result, and the all-reduce
+    /// bandwidth (run under `vtp launch`, torchrun or srun).
+    DistCheck(dist::DistCheckArgs),
     /// Data sources: export to WebDataset shards, inspect, benchmark the augmentations.
     Data {
         #[command(subcommand)]
@@ -171,6 +178,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data { command } => data::run(&command),
         Command::Dit { command } => dit::run(&command, device),
         Command::Claim(a) => claim::claim(&a),
+        Command::Launch(a) => dist::launch(&a),
+        Command::DistCheck(a) => dist::dist_check(&a),
         Command::Eval(a) => eval::eval(&a, device),
         Command::FidStats(a) => fid::fid_stats(&a, device),
         Command::Fid(a) => fid::fid(&a, device),

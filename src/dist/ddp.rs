@@ -1,0 +1,168 @@
+//! Data parallelism as PyTorch DDP does it, on a c10d [`ProcessGroup`]: parameters broadcast from rank
+//! 0 at the start, gradients averaged over the ranks after each backward pass in buckets of
+//! `bucket_mib` (all started, then awaited), every rank owning an equal slice of the global batch. A
+//! single process is the same type without a group: every operation is then the identity.
+use super::{DistEnv, GroupOptions, ProcessGroup};
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tch::{Kind, Tensor};
+
+/// The `[dist]` settings of a run (also `vtp dist-check`'s flags).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, clap::Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    /// Seconds one collective may wait for the other ranks before the run fails (PyTorch's default
+    /// process-group timeout is 30 minutes; rank 0's evaluation runs while the others wait).
+    #[arg(long, default_value_t = 1800.0)]
+    pub timeout_s: f64,
+    /// Seconds to wait for every rank to join at the start (a rank that never starts fails after it).
+    #[arg(long, default_value_t = 300.0)]
+    pub join_timeout_s: f64,
+    /// Gradient bucket size in MiB (DDP's `bucket_cap_mb`).
+    #[arg(long, default_value_t = 25.0)]
+    pub bucket_mib: f64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self { timeout_s: 1800.0, join_timeout_s: 300.0, bucket_mib: 25.0 }
+    }
+}
+
+/// This process's part in a data-parallel job (or the whole job when alone).
+pub struct DataParallel {
+    group: Option<ProcessGroup>,
+    bucket_bytes: usize,
+}
+
+impl DataParallel {
+    /// A job of one process.
+    pub fn single() -> Self {
+        Self { group: None, bucket_bytes: usize::MAX }
+    }
+
+    /// Joins the job the launcher's environment describes ([`DistEnv`]); a single process without one.
+    pub fn join(config: &DistConfig) -> Result<Self> {
+        let Some(env) = DistEnv::from_process()? else { return Ok(Self::single()) };
+        if !(config.timeout_s > 0.0 && config.join_timeout_s > 0.0 && config.bucket_mib > 0.0) {
+            bail!("dist.timeout_s, dist.join_timeout_s and dist.bucket_mib must be positive");
+        }
+        let opts = GroupOptions {
+            env,
+            join_timeout: Duration::from_secs_f64(config.join_timeout_s),
+            timeout: Duration::from_secs_f64(config.timeout_s),
+        };
+        let group = ProcessGroup::gloo(&opts)?;
+        Ok(Self { group: Some(group), bucket_bytes: (config.bucket_mib * 1024.0 * 1024.0) as usize })
+    }
+
+    /// The process group (`None` when alone).
+    pub fn group(&self) -> Option<&ProcessGroup> {
+        self.group.as_ref()
+    }
+
+    /// This process's rank (0 when alone).
+    pub fn rank(&self) -> usize {
+        self.group.as_ref().map_or(0, ProcessGroup::rank)
+    }
+
+    /// The number of processes.
+    pub fn world(&self) -> usize {
+        self.group.as_ref().map_or(1, ProcessGroup::world)
+    }
+
+    /// Rank 0: the process that logs, evaluates and writes checkpoints.
+    pub fn is_main(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// This rank's rows `(start, len)` of a global batch of `n` (which the world must divide).
+    pub fn local_rows(&self, n: i64) -> Result<(i64, i64)> {
+        let w = self.world() as i64;
+        if n % w != 0 {
+            bail!("the global batch of {n} does not split evenly over {w} processes");
+        }
+        Ok((self.rank() as i64 * n / w, n / w))
+    }
+
+    /// This rank's slice (dim 0) of a global-batch tensor.
+    pub fn shard(&self, t: &Tensor) -> Result<Tensor> {
+        let (start, len) = self.local_rows(t.size()[0])?;
+        Ok(t.narrow(0, start, len))
+    }
+
+    /// Runs `f` over the tensors in buckets of at most `bucket_bytes` (each flattened into one
+    /// contiguous tensor), starting every bucket's collective before waiting for the first.
+    fn bucketed(
+        &self,
+        tensors: &[Tensor],
+        start: impl Fn(&ProcessGroup, &Tensor) -> Result<super::Work>,
+        finish: impl Fn(&Tensor) -> Tensor,
+    ) -> Result<()> {
+        let Some(group) = &self.group else { return Ok(()) };
+        let mut buckets: Vec<Vec<&Tensor>> = vec![vec![]];
+        let mut bytes = 0usize;
+        for t in tensors {
+            let size = t.numel() * t.kind().elt_size_in_bytes();
+            if bytes + size > self.bucket_bytes && !buckets.last().expect("non-empty").is_empty() {
+                buckets.push(vec![]);
+                bytes = 0;
+            }
+            buckets.last_mut().expect("non-empty").push(t);
+            bytes += size;
+        }
+        let mut pending = Vec::with_capacity(buckets.len());
+        for bucket in buckets.into_iter().filter(|b| !b.is_empty()) {
+            let flat = Tensor::cat(&bucket.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0);
+            pending.push((start(group, &flat)?, flat, bucket));
+        }
+        tch::no_grad(|| {
+            for (work, flat, bucket) in pending {
+                work.wait()?;
+                let flat = finish(&flat);
+                let mut offset = 0;
+                for t in bucket {
+                    let n = t.numel() as i64;
+                    t.shallow_clone().copy_(&flat.narrow(0, offset, n).view(t.size().as_slice()));
+                    offset += n;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Sets every tensor to rank 0's value (the parameters and buffers at the start of a run).
+    pub fn broadcast_from_main(&self, tensors: &[Tensor]) -> Result<()> {
+        self.bucketed(tensors, |g, flat| g.broadcast(&[flat.shallow_clone()], 0), |flat| flat.shallow_clone())
+    }
+
+    /// Replaces the gradient of every parameter that has one by its mean over the ranks (DDP's
+    /// all-reduce; every rank must hold gradients for the same parameters).
+    pub fn average_gradients(&self, params: &[Tensor]) -> Result<()> {
+        let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
+        let w = self.world() as f64;
+        self.bucketed(&grads, |g, flat| g.all_reduce_sum(&[flat.shallow_clone()]), |flat| flat / w)
+    }
+
+    /// The sum over the ranks of each tensor, in place (e.g. the DINO centre's batch sums).
+    pub fn sum(&self, tensors: &[Tensor]) -> Result<()> {
+        self.bucketed(tensors, |g, flat| g.all_reduce_sum(&[flat.shallow_clone()]), |flat| flat.shallow_clone())
+    }
+
+    /// The mean over the ranks of each value (each rank's loss terms → the global batch's).
+    pub fn mean(&self, values: &[f64]) -> Result<Vec<f64>> {
+        if self.group.is_none() {
+            return Ok(values.to_vec());
+        }
+        let t = Tensor::from_slice(values).to_kind(Kind::Double);
+        self.sum(&[t.shallow_clone()])?;
+        let w = self.world() as f64;
+        Ok(Vec::<f64>::try_from(&t)?.into_iter().map(|v| v / w).collect())
+    }
+
+    /// Whether any rank's `flag` is set (so that every rank stops at the same step).
+    pub fn any(&self, flag: bool) -> Result<bool> {
+        Ok(self.mean(&[if flag { 1.0 } else { 0.0 }])?[0] > 0.0)
+    }
+}

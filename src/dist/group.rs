@@ -1,0 +1,202 @@
+//! A c10d process group (libtorch's `TCPStore` + `ProcessGroupGloo`, through `shim.cpp`) and its
+//! collectives on tch tensors: all-reduce (sum), broadcast, all-gather (with or without gradients) and
+//! barrier. Asynchronous collectives return a [`Work`] handle; every C++ error comes back as an
+//! `anyhow` error naming the operation.
+use super::env::DistEnv;
+use anyhow::{bail, Result};
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::time::Duration;
+use tch::Tensor;
+
+#[repr(C)]
+struct RawGroup {
+    _private: [u8; 0],
+}
+
+#[repr(C)]
+struct RawWork {
+    _private: [u8; 0],
+}
+
+type Tensor_ = c_void;
+
+extern "C" {
+    fn vtp_dist_free_error(error: *mut c_char);
+    #[allow(clippy::too_many_arguments)]
+    fn vtp_dist_new_gloo(
+        host: *const c_char,
+        port: u16,
+        rank: i32,
+        size: i32,
+        serve_store: bool,
+        store_timeout_ms: i64,
+        timeout_ms: i64,
+        hostname: *const c_char,
+        out: *mut *mut RawGroup,
+    ) -> *mut c_char;
+    fn vtp_dist_free_group(group: *mut RawGroup);
+    fn vtp_dist_free_work(work: *mut RawWork);
+    fn vtp_dist_wait(work: *mut RawWork) -> *mut c_char;
+    fn vtp_dist_all_reduce_sum(g: *mut RawGroup, t: *const *mut Tensor_, n: usize, out: *mut *mut RawWork) -> *mut c_char;
+    fn vtp_dist_broadcast(
+        g: *mut RawGroup,
+        t: *const *mut Tensor_,
+        n: usize,
+        root: i32,
+        out: *mut *mut RawWork,
+    ) -> *mut c_char;
+    fn vtp_dist_all_gather(g: *mut RawGroup, input: *mut Tensor_, out: *mut *mut Tensor_) -> *mut c_char;
+    fn vtp_dist_gather_with_grad(g: *mut RawGroup, input: *mut Tensor_, out: *mut *mut Tensor_) -> *mut c_char;
+    fn vtp_dist_barrier(g: *mut RawGroup) -> *mut c_char;
+}
+
+/// Turns the shim's error (a malloc'd message or null) into a `Result`, naming `what` failed.
+fn check(error: *mut c_char, what: &str) -> Result<()> {
+    if error.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null error is a NUL-terminated string the shim allocated for us to free.
+    let message = unsafe { CStr::from_ptr(error) }.to_string_lossy().into_owned();
+    unsafe { vtp_dist_free_error(error) };
+    let first = message.lines().next().unwrap_or("").trim();
+    bail!("distributed {what} failed: {first}")
+}
+
+fn raw(t: &Tensor) -> *mut Tensor_ {
+    t.as_ptr() as *mut Tensor_
+}
+
+/// How a process joins its group: where the store is, and how long to wait.
+#[derive(Debug, Clone)]
+pub struct GroupOptions {
+    /// The rendezvous: rank, world size, store address.
+    pub env: DistEnv,
+    /// How long to wait for every rank to join (a rank that never starts fails after this).
+    pub join_timeout: Duration,
+    /// How long one collective may take (a stalled peer fails after this).
+    pub timeout: Duration,
+}
+
+/// A c10d process group of `world` processes (Gloo over TCP); this process is `rank`.
+pub struct ProcessGroup {
+    raw: *mut RawGroup,
+    rank: usize,
+    world: usize,
+}
+
+// SAFETY: the c10d backend is thread-safe; the handle is only freed on drop.
+unsafe impl Send for ProcessGroup {}
+
+impl ProcessGroup {
+    /// Joins the group described by `opts` (rank 0 serves the store unless torchrun's agent does).
+    pub fn gloo(opts: &GroupOptions) -> Result<Self> {
+        let e = &opts.env;
+        let host = CString::new(e.master_addr.clone())?;
+        // One machine: Gloo binds the loopback address; several: its default interface.
+        let device = CString::new(if e.is_loopback() { e.master_addr.as_str() } else { "" })?;
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: the strings outlive the call; `raw` is written on success only.
+        let error = unsafe {
+            vtp_dist_new_gloo(
+                host.as_ptr(),
+                e.master_port,
+                e.rank as i32,
+                e.world_size as i32,
+                e.serves_store(),
+                opts.join_timeout.as_millis() as i64,
+                opts.timeout.as_millis() as i64,
+                device.as_ptr(),
+                &mut raw,
+            )
+        };
+        check(error, &format!("rendezvous at {}:{} (rank {} of {})", e.master_addr, e.master_port, e.rank, e.world_size))?;
+        Ok(Self { raw, rank: e.rank, world: e.world_size })
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of processes.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// Starts the in-place sum of `tensors` over the group (contiguous, same shapes on every rank).
+    pub fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<Work> {
+        let ptrs: Vec<*mut Tensor_> = tensors.iter().map(raw).collect();
+        let mut work = std::ptr::null_mut();
+        // SAFETY: the tensors are live for the call; c10d keeps its own references until the work ends.
+        check(unsafe { vtp_dist_all_reduce_sum(self.raw, ptrs.as_ptr(), ptrs.len(), &mut work) }, "all-reduce")?;
+        Ok(Work { raw: work, what: "all-reduce" })
+    }
+
+    /// Starts the in-place broadcast of `tensors` from rank `root`.
+    pub fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<Work> {
+        let ptrs: Vec<*mut Tensor_> = tensors.iter().map(raw).collect();
+        let mut work = std::ptr::null_mut();
+        // SAFETY: as in `all_reduce_sum`.
+        let error = unsafe { vtp_dist_broadcast(self.raw, ptrs.as_ptr(), ptrs.len(), root as i32, &mut work) };
+        check(error, "broadcast")?;
+        Ok(Work { raw: work, what: "broadcast" })
+    }
+
+    /// Every rank's `input` concatenated along dim 0 in rank order (same shape on every rank); no
+    /// gradient flows through it.
+    pub fn all_gather(&self, input: &Tensor) -> Result<Tensor> {
+        self.gather(input, vtp_dist_all_gather, "all-gather")
+    }
+
+    /// OpenCLIP's `gather_with_grad`: as [`Self::all_gather`], but differentiable: the gradient of this
+    /// rank's rows is the sum over ranks of the gradients their copies receive.
+    pub fn gather_with_grad(&self, input: &Tensor) -> Result<Tensor> {
+        self.gather(input, vtp_dist_gather_with_grad, "all-gather with gradients")
+    }
+
+    fn gather(
+        &self,
+        input: &Tensor,
+        f: unsafe extern "C" fn(*mut RawGroup, *mut Tensor_, *mut *mut Tensor_) -> *mut c_char,
+        what: &str,
+    ) -> Result<Tensor> {
+        let mut out = std::ptr::null_mut();
+        // SAFETY: `input` is live; on success `out` is a new at::Tensor we own.
+        check(unsafe { f(self.raw, raw(input), &mut out) }, what)?;
+        Ok(unsafe { Tensor::from_ptr(out.cast()) })
+    }
+
+    /// Waits until every rank reaches this point.
+    pub fn barrier(&self) -> Result<()> {
+        // SAFETY: a live group.
+        check(unsafe { vtp_dist_barrier(self.raw) }, "barrier")
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: created by `vtp_dist_new_gloo`, freed once.
+        unsafe { vtp_dist_free_group(self.raw) }
+    }
+}
+
+/// A running collective; [`Work::wait`] returns its result (bounded by the group's timeout).
+pub struct Work {
+    raw: *mut RawWork,
+    what: &'static str,
+}
+
+impl Work {
+    /// Blocks until the collective finished; its error (a lost peer, a timeout) if it failed.
+    pub fn wait(self) -> Result<()> {
+        // SAFETY: a live work handle, freed on drop.
+        check(unsafe { vtp_dist_wait(self.raw) }, self.what)
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        // SAFETY: released by the shim to us, freed once.
+        unsafe { vtp_dist_free_work(self.raw) }
+    }
+}

@@ -9,6 +9,14 @@ if ! "$VTP_VENV/bin/python" -c "import sys, torch; sys.exit(torch.__version__.sp
   python3 -m venv "$VTP_VENV"
   "$VTP_VENV/bin/pip" install -q --disable-pip-version-check "torch==$VTP_TORCH_VERSION" numpy safetensors
 fi
+# The c10d shim (src/dist/shim.cpp) includes ProcessGroupGloo.hpp, which needs the Gloo headers: the
+# wheel lacks them, Debian's libgloo-dev has them (../shared/spec/distributed-notes.md).
+if [ ! -f /usr/include/gloo/config.h ]; then
+  echo "installing libgloo-dev (the Gloo headers for the c10d shim)" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get install -y -q libgloo-dev >/dev/null 2>&1 ||
+    { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q libgloo-dev >/dev/null; }
+fi
 export PATH="$VTP_VENV/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1
 export LIBTORCH_BYPASS_VERSION_CHECK=1

@@ -4,6 +4,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod dit;
 pub mod eval;
 pub mod hub;

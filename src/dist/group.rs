@@ -5,6 +5,7 @@
 use super::env::DistEnv;
 use anyhow::{bail, Result};
 use std::ffi::{c_char, c_void, CStr, CString};
+use std::sync::Arc;
 use std::time::Duration;
 use tch::Tensor;
 
@@ -37,7 +38,12 @@ extern "C" {
     fn vtp_dist_free_group(group: *mut RawGroup);
     fn vtp_dist_free_work(work: *mut RawWork);
     fn vtp_dist_wait(work: *mut RawWork) -> *mut c_char;
-    fn vtp_dist_all_reduce_sum(g: *mut RawGroup, t: *const *mut Tensor_, n: usize, out: *mut *mut RawWork) -> *mut c_char;
+    fn vtp_dist_all_reduce_sum(
+        g: *mut RawGroup,
+        t: *const *mut Tensor_,
+        n: usize,
+        out: *mut *mut RawWork,
+    ) -> *mut c_char;
     fn vtp_dist_broadcast(
         g: *mut RawGroup,
         t: *const *mut Tensor_,
@@ -59,7 +65,63 @@ fn check(error: *mut c_char, what: &str) -> Result<()> {
     let message = unsafe { CStr::from_ptr(error) }.to_string_lossy().into_owned();
     unsafe { vtp_dist_free_error(error) };
     let first = message.lines().next().unwrap_or("").trim();
+    // Gloo prefixes its source location and appends advice: keep the message between.
+    let first = match first.strip_prefix('[').and_then(|r| r.split_once("] ")) {
+        Some((location, rest)) if location.contains(".cc:") || location.contains(".cpp:") => rest,
+        _ => first,
+    };
+    let first = first.split(" This is typically caused").next().unwrap_or(first).trim_end_matches('.');
     bail!("distributed {what} failed: {first}")
+}
+
+/// Whether process `pid` has ended (no such process, or a zombie not yet reaped by its parent).
+fn process_gone(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return true;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    matches!(state, Some('Z' | 'X'))
+}
+
+/// Every rank's process id and machine (a hash of its hostname), gathered when the group forms, so
+/// that a failed collective can name the ranks of this machine that are gone.
+#[derive(Debug, Default)]
+struct Peers {
+    host: u64,
+    list: Vec<(i32, u64)>,
+}
+
+impl Peers {
+    /// A hash of this machine's hostname.
+    fn this_host() -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut buf = [0u8; 256];
+        // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+        unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        buf.hash(&mut h);
+        h.finish() >> 1
+    }
+
+    /// `"; rank 1 (pid 123) is gone"` for the ranks on this machine whose process no longer exists.
+    fn lost(&self) -> String {
+        let gone: Vec<String> = (self.list.iter().enumerate())
+            .filter(|(_, (pid, host))| *host == self.host && process_gone(*pid))
+            .map(|(rank, (pid, _))| format!("rank {rank} (pid {pid})"))
+            .collect();
+        match gone.len() {
+            0 => String::new(),
+            1 => format!("; lost {}: its process is gone", gone[0]),
+            _ => format!("; lost {}: their processes are gone", gone.join(", ")),
+        }
+    }
+
+    /// [`check`], naming the lost ranks in the error.
+    fn check(&self, error: *mut c_char, what: &str) -> Result<()> {
+        check(error, what).map_err(|e| anyhow::anyhow!("{e}{}", self.lost()))
+    }
 }
 
 fn raw(t: &Tensor) -> *mut Tensor_ {
@@ -82,6 +144,7 @@ pub struct ProcessGroup {
     raw: *mut RawGroup,
     rank: usize,
     world: usize,
+    peers: Arc<Peers>,
 }
 
 // SAFETY: the c10d backend is thread-safe; the handle is only freed on drop.
@@ -109,8 +172,23 @@ impl ProcessGroup {
                 &mut raw,
             )
         };
-        check(error, &format!("rendezvous at {}:{} (rank {} of {})", e.master_addr, e.master_port, e.rank, e.world_size))?;
-        Ok(Self { raw, rank: e.rank, world: e.world_size })
+        let what = format!("rendezvous at {}:{} (rank {} of {})", e.master_addr, e.master_port, e.rank, e.world_size);
+        check(error, &what).map_err(|err| {
+            let text = err.to_string();
+            if text.contains("timed out") || text.contains("timeout") {
+                let secs = opts.join_timeout.as_secs_f64();
+                anyhow::anyhow!("distributed {what} failed: a rank did not join within {secs} s (dist.join_timeout_s)")
+            } else {
+                err
+            }
+        })?;
+        let mut group = Self { raw, rank: e.rank, world: e.world_size, peers: Arc::new(Peers::default()) };
+        let host = Peers::this_host();
+        let me = Tensor::from_slice(&[std::process::id() as i64, host as i64]);
+        let all = Vec::<i64>::try_from(&group.all_gather(&me)?)?;
+        let list = all.chunks(2).map(|p| (p[0] as i32, p[1] as u64)).collect();
+        group.peers = Arc::new(Peers { host, list });
+        Ok(group)
     }
 
     /// This process's rank.
@@ -128,8 +206,9 @@ impl ProcessGroup {
         let ptrs: Vec<*mut Tensor_> = tensors.iter().map(raw).collect();
         let mut work = std::ptr::null_mut();
         // SAFETY: the tensors are live for the call; c10d keeps its own references until the work ends.
-        check(unsafe { vtp_dist_all_reduce_sum(self.raw, ptrs.as_ptr(), ptrs.len(), &mut work) }, "all-reduce")?;
-        Ok(Work { raw: work, what: "all-reduce" })
+        let error = unsafe { vtp_dist_all_reduce_sum(self.raw, ptrs.as_ptr(), ptrs.len(), &mut work) };
+        self.peers.check(error, "all-reduce")?;
+        Ok(Work { raw: work, what: "all-reduce", peers: self.peers.clone() })
     }
 
     /// Starts the in-place broadcast of `tensors` from rank `root`.
@@ -138,8 +217,8 @@ impl ProcessGroup {
         let mut work = std::ptr::null_mut();
         // SAFETY: as in `all_reduce_sum`.
         let error = unsafe { vtp_dist_broadcast(self.raw, ptrs.as_ptr(), ptrs.len(), root as i32, &mut work) };
-        check(error, "broadcast")?;
-        Ok(Work { raw: work, what: "broadcast" })
+        self.peers.check(error, "broadcast")?;
+        Ok(Work { raw: work, what: "broadcast", peers: self.peers.clone() })
     }
 
     /// Every rank's `input` concatenated along dim 0 in rank order (same shape on every rank); no
@@ -162,14 +241,14 @@ impl ProcessGroup {
     ) -> Result<Tensor> {
         let mut out = std::ptr::null_mut();
         // SAFETY: `input` is live; on success `out` is a new at::Tensor we own.
-        check(unsafe { f(self.raw, raw(input), &mut out) }, what)?;
+        self.peers.check(unsafe { f(self.raw, raw(input), &mut out) }, what)?;
         Ok(unsafe { Tensor::from_ptr(out.cast()) })
     }
 
     /// Waits until every rank reaches this point.
     pub fn barrier(&self) -> Result<()> {
         // SAFETY: a live group.
-        check(unsafe { vtp_dist_barrier(self.raw) }, "barrier")
+        self.peers.check(unsafe { vtp_dist_barrier(self.raw) }, "barrier")
     }
 }
 
@@ -184,13 +263,14 @@ impl Drop for ProcessGroup {
 pub struct Work {
     raw: *mut RawWork,
     what: &'static str,
+    peers: Arc<Peers>,
 }
 
 impl Work {
     /// Blocks until the collective finished; its error (a lost peer, a timeout) if it failed.
     pub fn wait(self) -> Result<()> {
         // SAFETY: a live work handle, freed on drop.
-        check(unsafe { vtp_dist_wait(self.raw) }, self.what)
+        self.peers.check(unsafe { vtp_dist_wait(self.raw) }, self.what)
     }
 }
 

@@ -102,11 +102,14 @@ char* vtp_dist_new_gloo(const char* host, uint16_t port, int rank, int size, boo
     opts.timeout = std::chrono::milliseconds(store_timeout_ms);
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
     c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::PrefixStore>("vtp/", tcp);
-    auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
+    // Gloo's full-mesh connection (the rendezvous) runs under the backend timeout: the join timeout
+    // first, the collective timeout once every rank is connected.
+    auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(store_timeout_ms));
     std::string name(hostname);
     options->devices.push_back(name.empty() ? c10d::ProcessGroupGloo::createDefaultDevice()
                                             : c10d::ProcessGroupGloo::createDeviceForHostname(name));
     auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, options);
+    backend->setTimeout(std::chrono::milliseconds(timeout_ms));
     *out = new Group{store, backend, rank, size};
   });
 }

@@ -7,6 +7,7 @@
 use super::ModelArgs;
 use crate::data::source::{self, StreamOptions};
 use crate::data::Sample;
+use crate::dist::DataParallel;
 use crate::dit::model::{DitConfig, LightningDit};
 use crate::dit::sampler::{self, SamplerConfig};
 use crate::dit::train::{dit_optimizer, flow_step};
@@ -204,9 +205,10 @@ fn bench_dit(a: &BenchArgs, device: Device) -> Result<()> {
     let times = timed(a, device, |i| {
         if a.mode == BenchMode::DitTrainStep {
             let time = TimeSampling::OFFICIAL;
-            let (_, _, skipped) =
-                tch::with_grad(|| flow_step(&model, &mut optim, &x1, &y, &time, true, (2e-4, 0.0, 0.0), false));
-            if skipped {
+            let single = DataParallel::single();
+            let hyper = (2e-4, 0.0, 0.0);
+            let r = tch::with_grad(|| flow_step(&model, &mut optim, &x1, &y, &time, true, hyper, false, &single))?;
+            if r.skipped {
                 bail!("step {i} had a non-finite loss or gradient");
             }
         } else {

@@ -125,6 +125,10 @@ impl RunConfig for DitTrainConfig {
     fn to_commented_toml(&self) -> Result<String> {
         DitTrainConfig::to_commented_toml(self)
     }
+
+    fn dist(&self) -> &crate::dist::DistConfig {
+        &self.dist
+    }
 }
 
 /// Arguments of `vtp dit train`.
@@ -179,8 +183,8 @@ pub fn train(a: &DitTrainArgs, device: Device) -> Result<()> {
     let tokenizer = VtpModel::load(&crate::hub::resolve_model_dir(&cache.manifest.tokenizer)?, device)
         .with_context(|| format!("the cache's tokenizer '{}'", cache.manifest.tokenizer))?;
     let dir = a.run.run_dir()?;
-    let summary = a.run.train(&dir, &config, || {
-        let trainer = DitRun::new(config.clone(), cache, tokenizer, device)?;
+    let summary = a.run.train(&dir, &config, |dp| {
+        let trainer = DitRun::new(config.clone(), cache, tokenizer, device, dp)?;
         let opts = trainer.run_options();
         Ok((trainer, opts))
     })?;

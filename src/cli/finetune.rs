@@ -17,6 +17,10 @@ impl RunConfig for FinetuneConfig {
     fn to_commented_toml(&self) -> Result<String> {
         FinetuneConfig::to_commented_toml(self)
     }
+
+    fn dist(&self) -> &crate::dist::DistConfig {
+        &self.dist
+    }
 }
 
 /// Arguments of `vtp finetune-decoder`.
@@ -48,7 +52,8 @@ pub fn finetune_decoder(a: &FinetuneArgs, device: Device) -> Result<()> {
     let model = VtpModel::load(&crate::hub::resolve_model_dir(&config.model)?, device)?;
     let dir = a.run.run_dir()?;
     let recon = recon_loss(&mut config.loss.lpips, device);
-    let summary = a.run.train(&dir, &config, || {
+    let summary = a.run.train(&dir, &config, |dp| {
+        dp.require_single("this trainer")?;
         let trainer = FinetuneRun::new(config.clone(), model, recon)?;
         let opts = trainer.run_options();
         Ok((trainer, opts))

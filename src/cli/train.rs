@@ -1,5 +1,6 @@
 //! `vtp pretrain`: stage 1 of VTP (spec §4), CLIP + SSL + reconstruction from scratch, on the shared
 //! run machinery (config + overrides, progress bar, metrics, plots, checkpoints, resume).
+use crate::dist::{DataParallel, DistConfig};
 use crate::train::config::{PretrainConfig, PRETRAIN_PRESETS};
 use crate::train::objectives::recon::ReconLoss;
 use crate::train::pretrain::PretrainRun;
@@ -7,6 +8,7 @@ use crate::train::run::{run, RunOptions, RunSummary, Trainer};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::Device;
 
 /// Name of the effective config a run writes into its directory.
@@ -18,6 +20,8 @@ pub trait RunConfig: Sized {
     fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self>;
     /// The config as TOML with a comment on every key (`--print-config`, the run's config.toml).
     fn to_commented_toml(&self) -> Result<String>;
+    /// Its `[dist]` section (timeouts and buckets of a multi-process run).
+    fn dist(&self) -> &DistConfig;
 }
 
 impl RunConfig for PretrainConfig {
@@ -27,6 +31,10 @@ impl RunConfig for PretrainConfig {
 
     fn to_commented_toml(&self) -> Result<String> {
         PretrainConfig::to_commented_toml(self)
+    }
+
+    fn dist(&self) -> &DistConfig {
+        &self.dist
     }
 }
 
@@ -89,19 +97,23 @@ impl RunArgs {
         Ok(self.print_config)
     }
 
-    /// Builds the trainer with gradients on (the CLI runs under no_grad), then runs the shared loop,
-    /// resuming when asked; `config` is recorded in `dir` once the trainer is built and (when resuming)
-    /// its checkpoint restored, so a failed start leaves the run's config as it was.
+    /// Joins the multi-process job when a launcher started this process (`config.dist()`), builds
+    /// the trainer for this rank with gradients on (the CLI runs under no_grad), then runs the shared
+    /// loop, resuming when asked; `config` is recorded in `dir` once the trainer is built and (when
+    /// resuming) its checkpoint restored, so a failed start leaves the run's config as it was. The
+    /// summary is rank 0's (`None` on the other ranks, which print nothing).
     pub fn train<C: RunConfig, T: Trainer>(
         &self,
         dir: &Path,
         config: &C,
-        build: impl FnOnce() -> Result<(T, RunOptions)>,
-    ) -> Result<RunSummary> {
+        build: impl FnOnce(Arc<DataParallel>) -> Result<(T, RunOptions)>,
+    ) -> Result<Option<RunSummary>> {
+        let dp = Arc::new(DataParallel::join(config.dist())?);
         tch::with_grad(|| {
-            let (mut trainer, opts) = build()?;
+            let (mut trainer, opts) = build(dp.clone())?;
             let opts = RunOptions { stop_after: self.stop_after, ..opts };
-            run(&mut trainer, &opts, dir, self.resume, || write_config(dir, config))
+            let summary = run(&mut trainer, &opts, dir, self.resume, &dp, || write_config(dir, config))?;
+            Ok(dp.is_main().then_some(summary))
         })
     }
 }
@@ -143,7 +155,8 @@ pub fn pretrain(a: &PretrainArgs, device: Device) -> Result<()> {
     }
     let dir = a.run.run_dir()?;
     let recon = recon_loss(&mut config.loss.lpips, device);
-    let summary = a.run.train(&dir, &config, || {
+    let summary = a.run.train(&dir, &config, |dp| {
+        dp.require_single("this trainer")?;
         let trainer = PretrainRun::new(config.clone(), recon, device)?;
         let opts = trainer.run_options();
         Ok((trainer, opts))
@@ -152,8 +165,9 @@ pub fn pretrain(a: &PretrainArgs, device: Device) -> Result<()> {
     Ok(())
 }
 
-/// The closing lines of a run that exports `what` (e.g. "tokenizer").
-pub fn print_summary(s: &RunSummary, dir: &Path, what: &str) {
+/// The closing lines of a run that exports `what` (e.g. "tokenizer"); nothing on ranks other than 0.
+pub fn print_summary(s: &Option<RunSummary>, dir: &Path, what: &str) {
+    let Some(s) = s else { return };
     let evals: Vec<String> = s.last_eval.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
     println!("{} steps ({} skipped); {}", s.steps, s.skipped, evals.join(", "));
     match &s.exported {

@@ -33,6 +33,9 @@ pub struct DitTrainConfig {
     pub eval: DitEvalConfig,
     pub log: LogConfig,
     pub checkpoint: CheckpointConfig,
+    /// `[dist]`: the multi-process job's timeouts and gradient buckets.
+    #[serde(default)]
+    pub dist: crate::dist::DistConfig,
     #[serde(default)]
     pub debug: DebugConfig,
     pub model: DitConfig,
@@ -123,6 +126,7 @@ impl DitTrainConfig {
             eval: DitEvalConfig { every: 500, samples: 256, grid_every: 500, grid_images: 8 },
             log: LogConfig { every: 10 },
             checkpoint: CheckpointConfig { every: 500, keep: 2 },
+            dist: crate::dist::DistConfig::default(),
             debug: DebugConfig::default(),
             model: DitConfig {
                 input_size: 0,
@@ -152,6 +156,7 @@ impl DitTrainConfig {
             eval: DitEvalConfig { every: 5000, samples: 1024, grid_every: 5000, grid_images: 8 },
             log: LogConfig { every: 100 },
             checkpoint: CheckpointConfig { every: 20_000, keep: 3 },
+            dist: crate::dist::DistConfig::default(),
             debug: DebugConfig::default(),
             model: DitConfig { num_classes: 0, ..DitConfig::preset("XL").expect("built-in preset") },
         }

@@ -724,6 +724,18 @@ impl LightningDit {
         Ok(())
     }
 
+    /// Label dropout for classifier-free guidance: each label of `y` `[B]` becomes the null class with
+    /// probability `class_dropout_prob` (one `Tensor::rand([B])` on torch's global generator, as the
+    /// official `LabelEmbedder.token_drop`); `y` itself when the probability is 0.
+    pub fn drop_labels(&self, y: &Tensor) -> Tensor {
+        let c = &self.config;
+        if c.class_dropout_prob <= 0.0 {
+            return y.shallow_clone();
+        }
+        let drop = Tensor::rand([y.size()[0]], (Kind::Float, y.device())).lt(c.class_dropout_prob);
+        y.masked_fill(&drop, c.null_class())
+    }
+
     /// `forward(x, t, y)` (spec §8.2–§8.5): velocity `[B, in_channels, H, W]` for latents `x`
     /// `[B, C, H, W]`, flow times `t` `[B]` in [0, 1] (0 = noise, 1 = data; unscaled) and labels `y`
     /// `[B]` int64. With `train`, each label becomes the null class with probability
@@ -738,12 +750,7 @@ impl LightningDit {
         let b = x.size()[0];
         let x_embedder_out = self.x_embedder.forward(x).flatten(2, 3).transpose(1, 2);
         let x_embedder_plus_pos = &x_embedder_out + &self.pos_embed;
-        let y = if train && c.class_dropout_prob > 0.0 {
-            let drop = Tensor::rand([b], (Kind::Float, y.device())).lt(c.class_dropout_prob);
-            y.masked_fill(&drop, c.null_class())
-        } else {
-            y.shallow_clone()
-        };
+        let y = if train { self.drop_labels(y) } else { y.shallow_clone() };
         let t_freq = timestep_features(t).to_kind(x_embedder_plus_pos.kind());
         let t_emb = self.t_mlp.1.forward(&self.t_mlp.0.forward(&t_freq).silu());
         let y_emb = Tensor::embedding(&self.y_table, &y, -1, false, false);

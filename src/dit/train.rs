@@ -9,6 +9,7 @@ use super::model::{GuidedChannels, LightningDit};
 use super::sampler::{self, SamplerConfig};
 use super::stats::LatentStats;
 use super::transport::{self, FlowLoss, TimeSampling};
+use crate::dist::DataParallel;
 use crate::model::VtpModel;
 use crate::train::checkpoint::restore_into;
 use crate::train::ema::ema_update;
@@ -23,6 +24,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 pub use super::config::{DitTrainConfig, DIT_PRESETS};
@@ -143,17 +145,29 @@ pub struct DitRun {
     tokenizer: VtpModel,
     info: DitInfo,
     time: TimeSampling,
+    dp: Arc<DataParallel>,
 }
 
 impl DitRun {
-    /// A fresh run of `config` on `cache` (whose tokenizer `tokenizer` decodes the sample grids).
-    pub fn new(config: DitTrainConfig, cache: LatentCache, tokenizer: VtpModel, device: Device) -> Result<Self> {
+    /// A fresh run of `config` on `cache` (whose tokenizer `tokenizer` decodes the sample grids), this
+    /// process being `dp`'s rank: every rank holds the whole cache and takes its rows of each batch;
+    /// the weights start as rank 0's.
+    pub fn new(
+        config: DitTrainConfig,
+        cache: LatentCache,
+        tokenizer: VtpModel,
+        device: Device,
+        dp: Arc<DataParallel>,
+    ) -> Result<Self> {
         config.check_cache(&cache)?;
+        dp.local_rows(config.batch.size as i64).context("batch.size")?;
         tch::manual_seed(config.train.seed as i64);
         let model = LightningDit::new(config.model.clone(), device)?;
         let mut ema = LightningDit::new(config.model.clone(), device)?;
         ema.vs_mut().copy(model.vs())?;
         ema.vs_mut().freeze();
+        let weights: Vec<Tensor> = [&model, &ema].iter().flat_map(|m| m.named_parameters()).map(|(_, t)| t).collect();
+        dp.broadcast_from_main(&weights)?;
         let o = &config.optim;
         let optim = dit_optimizer(&model, o.beta1, o.beta2, o.eps);
         let m = &cache.manifest;
@@ -167,7 +181,7 @@ impl DitRun {
         };
         let cache = cache.to_device(device);
         let time = config.transport.time_sampling()?;
-        Ok(Self { config, cache, model, ema, optim, tokenizer, info, time })
+        Ok(Self { config, cache, model, ema, optim, tokenizer, info, time, dp })
     }
 
     /// The loop settings of this run's config.
@@ -212,11 +226,24 @@ impl DitRun {
     }
 }
 
-/// One flow-matching optimisation step of `model` on normalised latents `x1` with labels `y` (label
-/// dropout on): times from `time`, noise `x0 ~ N(0, I)` (both from torch's generator), the loss
-/// `mean(cos) + mean(mse)`, backward, gradient-norm clipping at `clip_grad` (0 = off), AdamW at `lr`
-/// with weight decay `wd`. A non-finite loss (or `inject_nan`) or gradient norm skips the update.
-/// Returns the loss, the gradient norm (before clipping) and whether the step was skipped.
+/// What one flow-matching step reports: the global batch's loss terms, the gradient norm (before
+/// clipping) and whether the update was skipped.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowStep {
+    pub total: f64,
+    pub mse: f64,
+    pub cos: f64,
+    pub grad_norm: f64,
+    pub skipped: bool,
+}
+
+/// One flow-matching optimisation step of `model` on the global batch of normalised latents `x1`
+/// with labels `y`: times from `time`, noise `x0 ~ N(0, I)` and label dropout drawn for the whole
+/// batch (torch's generator, in that order), this rank's rows of all four (`dp`), the loss
+/// `mean(cos) + mean(mse)`, backward, gradients averaged over the ranks, gradient-norm clipping at
+/// `clip_grad` (0 = off), AdamW at `lr` with weight decay `wd`. Any number of ranks thus takes the
+/// step one process takes on the same batch. A non-finite loss (or `inject_nan`) or gradient norm
+/// skips the update on every rank.
 #[allow(clippy::too_many_arguments)]
 pub fn flow_step(
     model: &LightningDit,
@@ -227,19 +254,25 @@ pub fn flow_step(
     cosine_loss: bool,
     (lr, wd, clip_grad): (f64, f64, f64),
     inject_nan: bool,
-) -> (FlowLoss, f64, bool) {
+    dp: &DataParallel,
+) -> Result<FlowStep> {
     let t = transport::sample_t(x1.size()[0], time, x1.device());
     let x0 = x1.randn_like();
+    let y = model.drop_labels(y);
+    let (x1, x0, t, y) = (dp.shard(x1)?, dp.shard(&x0)?, dp.shard(&t)?, dp.shard(&y)?);
     optim.zero_grad();
-    let velocity = |xt: &Tensor, t: &Tensor| model.forward(xt, t, y, true);
-    let mut loss = transport::training_loss(velocity, x1, &x0, &t, cosine_loss);
+    let velocity = |xt: &Tensor, t: &Tensor| model.forward(xt, t, &y, false);
+    let mut loss = transport::training_loss(velocity, &x1, &x0, &t, cosine_loss);
     if inject_nan {
         loss.total = &loss.total * f64::NAN;
     }
+    let local = [&loss.total, &loss.mse, &loss.cos].map(|v| v.double_value(&[]));
+    let [total, mse, cos] = <[f64; 3]>::try_from(dp.mean(&local)?).expect("three values");
     let mut grad_norm = f64::NAN;
-    if loss.total.double_value(&[]).is_finite() {
+    if total.is_finite() {
         loss.total.backward();
         let params: Vec<Tensor> = optim.params().iter().map(|p| p.tensor.shallow_clone()).collect();
+        dp.average_gradients(&params)?;
         grad_norm = clip_grad_norm(&params, if clip_grad > 0.0 { clip_grad } else { f64::INFINITY });
     }
     let skipped = !grad_norm.is_finite();
@@ -248,7 +281,7 @@ pub fn flow_step(
     } else {
         optim.step(lr, wd, lr);
     }
-    (loss, grad_norm, skipped)
+    Ok(FlowStep { total, mse, cos, grad_norm, skipped })
 }
 
 /// AdamW over every trainable parameter of `model` (one group: no per-parameter multipliers, as
@@ -273,21 +306,21 @@ impl Trainer for DitRun {
         let (c, o) = (&self.config, &self.config.optim);
         let inject_nan = c.debug.nan_at_steps.contains(&step);
         let hyper = (o.lr, o.weight_decay, o.clip_grad);
-        let (losses, grad_norm, skipped) =
-            flow_step(&self.model, &mut self.optim, &x1, &y, &self.time, c.transport.cosine_loss, hyper, inject_nan);
-        if !skipped {
+        let cosine = c.transport.cosine_loss;
+        let r = flow_step(&self.model, &mut self.optim, &x1, &y, &self.time, cosine, hyper, inject_nan, &self.dp)?;
+        if !r.skipped {
             let live: HashMap<String, Tensor> = self.model.named_parameters().into_iter().collect();
             let pairs = self.ema.named_parameters().into_iter().map(|(k, e)| (e, &live[&k]));
             ema_update(pairs, c.ema.decay);
         }
         let scalars = vec![
-            ("loss/total".to_string(), losses.total.double_value(&[])),
-            ("loss/mse".to_string(), losses.mse.double_value(&[])),
-            ("loss/cos".to_string(), losses.cos.double_value(&[])),
+            ("loss/total".to_string(), r.total),
+            ("loss/mse".to_string(), r.mse),
+            ("loss/cos".to_string(), r.cos),
             ("lr".to_string(), o.lr),
-            ("grad_norm".to_string(), grad_norm),
+            ("grad_norm".to_string(), r.grad_norm),
         ];
-        Ok(StepReport { scalars, images: b as usize, skipped })
+        Ok(StepReport { scalars, images: b as usize, skipped: r.skipped })
     }
 
     /// The EMA model's flow loss on a fixed batch (the first `eval.samples` cached latents, fixed

@@ -165,6 +165,9 @@ pub struct PretrainConfig {
     pub eval: EvalConfig,
     pub log: LogConfig,
     pub checkpoint: CheckpointConfig,
+    /// `[dist]`: the multi-process job's timeouts and gradient buckets.
+    #[serde(default)]
+    pub dist: crate::dist::DistConfig,
     #[serde(default)]
     pub debug: DebugConfig,
     pub model: VtpConfig,
@@ -245,6 +248,7 @@ impl PretrainConfig {
             },
             log: LogConfig { every: 10 },
             checkpoint: CheckpointConfig { every: 200, keep: 2 },
+            dist: crate::dist::DistConfig::default(),
             debug: DebugConfig::default(),
             model,
         }
@@ -285,6 +289,7 @@ impl PretrainConfig {
             },
             log: LogConfig { every: 20 },
             checkpoint: CheckpointConfig { every: 1000, keep: 3 },
+            dist: crate::dist::DistConfig::default(),
             debug: DebugConfig::default(),
             model: VtpConfig::preset(name)?,
         })
@@ -569,5 +574,8 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("log.every", "metrics (metrics.jsonl, TensorBoard) and plots every N steps"),
     ("checkpoint.every", "checkpoint every N steps (and on SIGINT/SIGTERM and at the end)"),
     ("checkpoint.keep", "checkpoints kept (the newest K)"),
+    ("dist.timeout_s", "multi-process runs: seconds a collective may wait for the other ranks before the run fails (rank 0 evaluates meanwhile) [PyTorch: 1800]"),
+    ("dist.join_timeout_s", "multi-process runs: seconds to wait for every rank to join at the start"),
+    ("dist.bucket_mib", "multi-process runs: gradient all-reduce bucket size in MiB [DDP bucket_cap_mb: 25]"),
     ("debug.nan_at_steps", "fault injection for tests: make the loss NaN at these 0-based steps"),
 ];

@@ -113,6 +113,9 @@ pub struct FinetuneConfig {
     pub eval: EvalConfig,
     pub log: LogConfig,
     pub checkpoint: CheckpointConfig,
+    /// `[dist]`: the multi-process job's timeouts and gradient buckets.
+    #[serde(default)]
+    pub dist: crate::dist::DistConfig,
     #[serde(default)]
     pub debug: DebugConfig,
 }
@@ -147,6 +150,7 @@ impl FinetuneConfig {
             eval: EvalConfig { every: 100, samples: 64, classes: String::new(), grid_every: 100, grid_images: 8 },
             log: LogConfig { every: 10 },
             checkpoint: CheckpointConfig { every: 100, keep: 2 },
+            dist: crate::dist::DistConfig::default(),
             debug: DebugConfig::default(),
         }
     }
@@ -172,6 +176,7 @@ impl FinetuneConfig {
             eval: EvalConfig { every: 2000, samples: 1000, classes: String::new(), grid_every: 2000, grid_images: 8 },
             log: LogConfig { every: 20 },
             checkpoint: CheckpointConfig { every: 1000, keep: 3 },
+            dist: crate::dist::DistConfig::default(),
             debug: DebugConfig::default(),
         }
     }

@@ -1,11 +1,14 @@
 //! The run loop every trainer shares (`vtp pretrain`, `vtp finetune-decoder`, later `vtp dit train`):
 //! steps with a progress bar, metrics (`metrics.jsonl` + TensorBoard) and plots, online evaluation,
 //! atomic checkpoints every N steps and on SIGINT/SIGTERM, bit-identical `--resume`, and non-finite
-//! step handling (reported with every term, skipped; the run stops after K in a row).
+//! step handling (reported with every term, skipped; the run stops after K in a row). In a
+//! multi-process job every rank runs the loop; rank 0 alone logs, evaluates, draws the grids and writes
+//! checkpoints and the export, and all ranks stop at the same step.
 use super::checkpoint;
 use super::config::{CheckpointConfig, EvalConfig, LogConfig, TrainConfig};
 use super::metrics::MetricsLog;
 use super::plots::plot_metrics;
+use crate::dist::DataParallel;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{BTreeMap, HashMap};
@@ -164,19 +167,28 @@ fn all_terms(scalars: &[(String, f64)]) -> String {
 }
 
 /// Runs `trainer` for `opts.steps` steps in `run_dir` (which holds metrics, plots, checkpoints and
-/// the exported model), from the newest checkpoint when `resume`.
+/// the exported model), from the newest checkpoint when `resume`; `dp` is this process's place in
+/// the job (the trainer averages its gradients over it), `on_ready` runs on rank 0 once the
+/// checkpoint is restored.
 pub fn run(
     trainer: &mut dyn Trainer,
     opts: &RunOptions,
     run_dir: &Path,
     resume: bool,
+    dp: &DataParallel,
     on_ready: impl FnOnce() -> Result<()>,
 ) -> Result<RunSummary> {
-    let start = if resume { restore_latest(trainer, run_dir)? } else { 0 };
-    on_ready()?;
-    let mut metrics = MetricsLog::open(run_dir, resume.then_some(start))?;
+    let main = dp.is_main();
+    let start = if resume { restore_latest(trainer, run_dir, main)? } else { 0 };
+    let mut metrics = match main {
+        true => {
+            on_ready()?;
+            Some(MetricsLog::open(run_dir, resume.then_some(start))?)
+        }
+        false => None,
+    };
     let stop = stop_flag()?;
-    let bar = bar(start, opts.steps);
+    let bar = if main { bar(start, opts.steps) } else { ProgressBar::hidden() };
     let mut window = Window { since: Some(Instant::now()), ..Window::default() };
     let (mut bad_in_row, mut skipped) = (0u64, 0u64);
     let mut last_eval = Vec::new();
@@ -188,8 +200,10 @@ pub fn run(
             skipped += 1;
             bad_in_row += 1;
             let terms = all_terms(&report.scalars);
-            bar.suspend(|| eprintln!("step {step}: non-finite loss or gradient, step skipped: {terms}"));
-            metrics.log(step, &[("skipped_step", 1.0)])?;
+            if let Some(m) = &mut metrics {
+                bar.suspend(|| eprintln!("step {step}: non-finite loss or gradient, step skipped: {terms}"));
+                m.log(step, &[("skipped_step", 1.0)])?;
+            }
             if bad_in_row >= opts.max_bad_steps {
                 bar.abandon();
                 let last = checkpoint::latest(run_dir)?;
@@ -203,40 +217,51 @@ pub fn run(
             window.add(&report);
         }
         let due = |every: u64| every > 0 && step % every == 0;
-        if due(opts.log_every) || step == opts.steps {
-            let scalars = window.take();
-            bar.set_message(bar_message(&scalars));
-            if bar.is_hidden() {
-                eprintln!("step {step}/{} {}", opts.steps, bar_message(&scalars));
+        if let Some(m) = &mut metrics {
+            if due(opts.log_every) || step == opts.steps {
+                let scalars = window.take();
+                bar.set_message(bar_message(&scalars));
+                if bar.is_hidden() {
+                    eprintln!("step {step}/{} {}", opts.steps, bar_message(&scalars));
+                }
+                log(m, step, &scalars)?;
             }
-            log(&mut metrics, step, &scalars)?;
-        }
-        if due(opts.eval_every) || step == opts.steps {
-            last_eval = trainer.evaluate(step)?;
-            log(&mut metrics, step, &last_eval)?;
-            plot_metrics(run_dir)?;
-        }
-        if due(opts.grid_every) || step == opts.steps {
-            trainer.snapshot(step, &run_dir.join("samples"))?;
+            if due(opts.eval_every) || step == opts.steps {
+                last_eval = trainer.evaluate(step)?;
+                log(m, step, &last_eval)?;
+                plot_metrics(run_dir)?;
+            }
+            if due(opts.grid_every) || step == opts.steps {
+                trainer.snapshot(step, &run_dir.join("samples"))?;
+            }
         }
         bar.set_position(step);
-        let interrupted = stop.load(Ordering::SeqCst) || opts.stop_after.is_some_and(|n| step >= start + n);
+        let asked = stop.load(Ordering::SeqCst) || opts.stop_after.is_some_and(|n| step >= start + n);
+        let interrupted = dp.any(asked)?;
         // No checkpoint inside a run of non-finite steps: the last one before it stays the newest.
-        if (due(opts.checkpoint_every) || step == opts.steps || interrupted) && bad_in_row == 0 {
+        if main && (due(opts.checkpoint_every) || step == opts.steps || interrupted) && bad_in_row == 0 {
             save(trainer, run_dir, step, opts.keep)?;
         }
         if interrupted && step < opts.steps {
-            plot_metrics(run_dir)?;
+            if main {
+                plot_metrics(run_dir)?;
+            }
             bar.abandon_with_message(format!("stopped at step {step}; checkpoint written, continue with --resume"));
             return Ok(RunSummary { steps: step, skipped, interrupted: true, last_eval, exported: None });
         }
     }
     bar.finish();
-    metrics.flush()?;
-    plot_metrics(run_dir)?;
-    let dir = run_dir.join("model");
-    trainer.export(&dir)?;
-    Ok(RunSummary { steps: step, skipped, interrupted: false, last_eval, exported: Some(dir) })
+    let exported = match &mut metrics {
+        Some(m) => {
+            m.flush()?;
+            plot_metrics(run_dir)?;
+            let dir = run_dir.join("model");
+            trainer.export(&dir)?;
+            Some(dir)
+        }
+        None => None,
+    };
+    Ok(RunSummary { steps: step, skipped, interrupted: false, last_eval, exported })
 }
 
 fn log(metrics: &mut MetricsLog, step: u64, scalars: &[(String, f64)]) -> Result<()> {
@@ -251,13 +276,15 @@ fn save(trainer: &dyn Trainer, run_dir: &Path, step: u64, keep: usize) -> Result
     checkpoint::save(run_dir, step, &tensors, &state, keep)
 }
 
-/// Restores the newest checkpoint of `run_dir`; returns its step.
-fn restore_latest(trainer: &mut dyn Trainer, run_dir: &Path) -> Result<u64> {
+/// Restores the newest checkpoint of `run_dir` (saying so when `tell`); returns its step.
+fn restore_latest(trainer: &mut dyn Trainer, run_dir: &Path, tell: bool) -> Result<u64> {
     let dir = checkpoint::latest(run_dir)?
         .with_context(|| format!("--resume: no checkpoint under '{}'", run_dir.join("checkpoints").display()))?;
     let (tensors, state) = checkpoint::load(&dir)?;
     let step = state["step"].as_u64().with_context(|| format!("'{}': state.json has no step", dir.display()))?;
     trainer.restore(&tensors, &state)?;
-    eprintln!("resuming from '{}' (step {step})", dir.display());
+    if tell {
+        eprintln!("resuming from '{}' (step {step})", dir.display());
+    }
     Ok(step)
 }

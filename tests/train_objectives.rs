@@ -13,6 +13,7 @@ mod common;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 use vtp::data::masking::MaskBatch;
+use vtp::dist::DataParallel;
 use vtp::eval::lpips::Lpips;
 use vtp::eval::recon::denormalise;
 use vtp::io::read_safetensors_map;
@@ -149,7 +150,7 @@ fn dino_losses_match_dinov2_with_centering_and_sinkhorn() {
         let key = |k: &str| format!("dino.{name}.{k}");
         let mut dino = DinoLoss::new(32, STUDENT_TEMP, CENTER_MOMENTUM, Device::Cpu);
         dino.center = get(&fx, "dino.center_in").copy();
-        let targets = dino.teacher_targets(teacher, TEACHER_TEMP, centering);
+        let targets = dino.teacher_targets(teacher, TEACHER_TEMP, centering, &DataParallel::single()).unwrap();
         check_rel(&fx, &key("targets"), &targets);
         match centering {
             TeacherCentering::Centering => check_rel(&fx, "dino.center_out", &dino.center),
@@ -199,7 +200,7 @@ fn ibot_patch_loss_matches_dinov2_with_centering_and_sinkhorn() {
         let key = |k: &str| format!("ibot.{name}.{k}");
         let mut ibot = IbotPatchLoss::new(32, STUDENT_TEMP, CENTER_MOMENTUM, Device::Cpu);
         ibot.center = get(&fx, "ibot.center_in").copy();
-        let targets = ibot.teacher_targets(teacher, TEACHER_TEMP, centering);
+        let targets = ibot.teacher_targets(teacher, TEACHER_TEMP, centering, &DataParallel::single()).unwrap();
         check_rel(&fx, &key("targets"), &targets);
         match centering {
             TeacherCentering::Centering => check_rel(&fx, "ibot.center_out", &ibot.center),

@@ -169,7 +169,8 @@ fn steps_match_pytorch(centering: &str, steps: &[u64]) {
     let mut overrides: Vec<String> = OVERRIDES.iter().map(|o| o.to_string()).collect();
     overrides.push(format!("loss.centering={centering}"));
     let config = PretrainConfig::load("tiny", None, &overrides).unwrap();
-    let mut trainer = Pretrainer::new(config.clone(), ReconLoss::new(None), Device::Cpu).unwrap();
+    let single = vtp::dist::DataParallel::single().into();
+    let mut trainer = Pretrainer::new(config.clone(), ReconLoss::new(None), Device::Cpu, single).unwrap();
     tch::manual_seed(11);
     trainer.dino.center = trainer.dino.center.randn_like() * 0.1;
     trainer.ibot.center = trainer.ibot.center.randn_like() * 0.1;

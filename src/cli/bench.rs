@@ -165,7 +165,7 @@ fn bench_train_step(a: &BenchArgs, device: Device) -> Result<()> {
     let seed = a.model.seed as u64;
     let batch = synthetic_batch(&config, seed)?.to_device(device);
     let schedules = Schedules::new(&config.schedule, config.train.steps)?;
-    let mut trainer = Pretrainer::new(config.clone(), ReconLoss::new(None), device)?;
+    let mut trainer = Pretrainer::new(config.clone(), ReconLoss::new(None), device, DataParallel::single().into())?;
     let mut rss = serde_json::Map::new();
     let times = timed(a, device, |i| {
         let (_, _, skipped) = tch::with_grad(|| trainer.step(&batch, &schedules.at(i as u64), false))?;

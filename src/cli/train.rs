@@ -156,8 +156,7 @@ pub fn pretrain(a: &PretrainArgs, device: Device) -> Result<()> {
     let dir = a.run.run_dir()?;
     let recon = recon_loss(&mut config.loss.lpips, device);
     let summary = a.run.train(&dir, &config, |dp| {
-        dp.require_single("this trainer")?;
-        let trainer = PretrainRun::new(config.clone(), recon, device)?;
+        let trainer = PretrainRun::new(config.clone(), recon, device, dp)?;
         let opts = trainer.run_options();
         Ok((trainer, opts))
     })?;

@@ -158,6 +158,33 @@ impl DataParallel {
         self.bucketed(tensors, |g, flat| g.all_reduce_sum(&[flat.shallow_clone()]), |flat| flat.shallow_clone())
     }
 
+    /// Every rank's `value`, in rank order (e.g. the data readers' positions a checkpoint stores).
+    pub fn gather_json(&self, value: &serde_json::Value) -> Result<Vec<serde_json::Value>> {
+        let Some(group) = &self.group else { return Ok(vec![value.clone()]) };
+        let bytes = serde_json::to_vec(value)?;
+        let longest = self.max(bytes.len() as f64)? as usize;
+        let mut padded = bytes;
+        padded.resize(longest, b' ');
+        let gathered = Vec::<u8>::try_from(&group.all_gather(&Tensor::from_slice(&padded))?)?;
+        gathered.chunks(longest.max(1)).take(self.world()).map(|c| Ok(serde_json::from_slice(c)?)).collect()
+    }
+
+    /// The largest of the ranks' `value`s.
+    fn max(&self, value: f64) -> Result<f64> {
+        let Some(group) = &self.group else { return Ok(value) };
+        let all = Vec::<f64>::try_from(&group.all_gather(&Tensor::from_slice(&[value]))?)?;
+        Ok(all.into_iter().fold(f64::MIN, f64::max))
+    }
+
+    /// The seed of this rank's random draws from the run's `seed`: `seed` itself on rank 0 (a
+    /// single-process run draws as before), a distinct mix on the others.
+    pub fn rank_seed(&self, seed: u64) -> u64 {
+        match self.rank() {
+            0 => seed,
+            r => seed ^ (r as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
+        }
+    }
+
     /// The mean over the ranks of each value (each rank's loss terms → the global batch's).
     pub fn mean(&self, values: &[f64]) -> Result<Vec<f64>> {
         if self.group.is_none() {

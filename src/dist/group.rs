@@ -147,8 +147,10 @@ pub struct ProcessGroup {
     peers: Arc<Peers>,
 }
 
-// SAFETY: the c10d backend is thread-safe; the handle is only freed on drop.
+// SAFETY: the c10d backend is thread-safe (its collectives are queued under its own lock); the handle
+// is only freed on drop. Collectives must still be issued in the same order on every rank.
 unsafe impl Send for ProcessGroup {}
+unsafe impl Sync for ProcessGroup {}
 
 impl ProcessGroup {
     /// Joins the group described by `opts` (rank 0 serves the store unless torchrun's agent does).

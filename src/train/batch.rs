@@ -3,6 +3,7 @@
 //! images to SSL (DINOv2 multi-crop + iBOT masks, collated crop-major) and another of `B_rec` images
 //! to reconstruction (random square crop).
 use super::config::{BatchConfig, DataConfig, Objectives};
+use super::pretrain::N_GLOBAL_CROPS;
 use crate::data::augment::{collate_multicrop, Augment, ClipCrop, DinoMultiCrop, ReconCrop};
 use crate::data::masking::{collate_masks, MaskBatch, MaskingGenerator};
 use crate::data::Sample;
@@ -56,6 +57,45 @@ impl PretrainBatch {
                 },
             }),
             recon: to(self.recon),
+        }
+    }
+}
+
+impl PretrainBatch {
+    /// The one batch that `parts` (the per-rank batches of a data-parallel step, in rank order) form
+    /// together: every tensor concatenated along the batch, the SSL crops and iBOT masks kept
+    /// crop-major (all ranks' first crops, then all second crops, …) and the mask indices and
+    /// weights recomputed — what one process steps on to take the same step as the ranks together.
+    pub fn concat(parts: &[PretrainBatch]) -> Self {
+        let cat = |ts: Vec<&Tensor>| Tensor::cat(&ts, 0);
+        let optional =
+            |f: fn(&PretrainBatch) -> Option<&Tensor>| parts.iter().map(f).collect::<Option<Vec<&Tensor>>>().map(cat);
+        let ssl = parts.iter().map(|p| p.ssl.as_ref()).collect::<Option<Vec<&SslBatch>>>().map(|ssl| {
+            // `[crops · b, …]` per rank → `[crops · Σb, …]`, crop-major.
+            let crop_major = |f: fn(&SslBatch) -> &Tensor, crops: i64| {
+                let chunks: Vec<Vec<Tensor>> = ssl.iter().map(|s| f(s).chunk(crops, 0)).collect();
+                let ordered: Vec<&Tensor> =
+                    (0..crops as usize).flat_map(|c| chunks.iter().map(move |ch| &ch[c])).collect();
+                cat(ordered)
+            };
+            let n_local = ssl[0].local.size()[0] / (ssl[0].global.size()[0] / N_GLOBAL_CROPS).max(1);
+            let masks = crop_major(|s| &s.masks.masks, N_GLOBAL_CROPS);
+            let upperbound = ssl.iter().map(|s| s.masks.upperbound).sum();
+            SslBatch {
+                global: crop_major(|s| &s.global, N_GLOBAL_CROPS),
+                local: if n_local > 0 {
+                    crop_major(|s| &s.local, n_local)
+                } else {
+                    cat(ssl.iter().map(|s| &s.local).collect())
+                },
+                masks: MaskBatch::from_masks(masks, upperbound),
+            }
+        });
+        PretrainBatch {
+            clip_images: optional(|p| p.clip_images.as_ref()),
+            tokens: optional(|p| p.tokens.as_ref()),
+            ssl,
+            recon: cat(parts.iter().map(|p| &p.recon).collect()),
         }
     }
 }

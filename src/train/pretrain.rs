@@ -6,10 +6,10 @@
 //! and SSL on full-width tokens (`use_bottleneck = !vision_bottleneck_ae_only`), reconstruction through
 //! the 64-d bottleneck into the pixel decoder.
 use super::batch::{BatchBuilder, PretrainBatch, SslBatch};
-use super::config::PretrainConfig;
+use super::config::{BatchConfig, PretrainConfig};
 use super::dino_head::DinoHead;
 use super::feed::{DataFeed, FeedPosition};
-use super::objectives::clip::{clamp_logit_scale, clip_loss, siglip_loss};
+use super::objectives::clip::{clamp_logit_scale, clip_loss_local, siglip_loss_local};
 use super::objectives::dino::DinoLoss;
 use super::objectives::ibot::IbotPatchLoss;
 use super::objectives::koleo::koleo_per_crop;
@@ -21,13 +21,15 @@ use super::schedule::{ScheduleValues, Schedules};
 use super::teacher::Teacher;
 use crate::config::ClipFeat;
 use crate::data::source::StreamOptions;
+use crate::dist::DataParallel;
 use crate::model::encoder::{tokens_to_map, Features};
 use crate::model::{l2_normalize, VtpModel};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 /// Global crops per image (DINOv2).
@@ -58,12 +60,15 @@ pub struct Pretrainer {
     pub ibot: IbotPatchLoss,
     pub recon: ReconLoss,
     pub optim: AdamW,
+    /// This process's place in the job: gradients, centres and CLIP features are shared over it.
+    pub dp: Arc<DataParallel>,
 }
 
 impl Pretrainer {
-    /// A freshly initialised student (seeded by `train.seed`), its teacher copy and the optimiser.
-    /// `recon` is the reconstruction loss (LPIPS or L1 only).
-    pub fn new(config: PretrainConfig, recon: ReconLoss, device: Device) -> Result<Self> {
+    /// A freshly initialised student (seeded by `train.seed`), its teacher copy and the optimiser;
+    /// over several processes every rank starts from rank 0's weights. `recon` is the reconstruction
+    /// loss (LPIPS or L1 only).
+    pub fn new(config: PretrainConfig, recon: ReconLoss, device: Device, dp: Arc<DataParallel>) -> Result<Self> {
         tch::manual_seed(config.train.seed as i64);
         let model = VtpModel::new(config.model.clone(), device)?;
         let head_vs = nn::VarStore::new(device);
@@ -82,7 +87,10 @@ impl Pretrainer {
             o.patch_embed_lr_mult,
         );
         let optim = AdamW::new(specs, o.adamw());
-        let trainer = Self { optim, config, model, head_vs, head, teacher, dino, ibot, recon };
+        let trainer = Self { optim, config, model, head_vs, head, teacher, dino, ibot, recon, dp };
+        let mut named: Vec<(String, Tensor)> = trainer.student_parameters().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        trainer.dp.broadcast_from_main(&named.into_iter().map(|(_, t)| t).collect::<Vec<_>>())?;
         trainer.teacher.copy_from(&trainer.student_parameters())?;
         Ok(trainer)
     }
@@ -102,22 +110,35 @@ impl Pretrainer {
         Ok(l2_normalize(&proj.forward(&feat)))
     }
 
-    /// `L_clip`: InfoNCE (or SigLIP when the model has a logit bias) over the whole batch (spec §4.6).
+    /// `L_clip`: InfoNCE (or SigLIP when the model has a logit bias) over the whole batch (spec §4.6):
+    /// over several processes, this rank's pairs against every rank's features gathered with gradients.
     fn clip_loss(&self, images: &Tensor, tokens: &Tensor) -> Result<Tensor> {
         let wide = !self.model.config.vision_bottleneck_ae_only;
         let f = self.model.trunk.forward_train(images, None, self.config.loss.clip_drop_path, wide);
         let image_features = self.clip_image_feature(&f)?;
         let text_features = self.model.get_clip_text_feature(tokens, true)?;
         let log_scale = self.model.logit_scale.as_ref().context("the model has no logit_scale")?;
+        // One gather of both feature sets: a single collective in the backward pass, so no two
+        // ranks can pair their all-reduces differently.
+        let (all_image, all_text) = match self.dp.group() {
+            Some(g) => {
+                let d = image_features.size()[1];
+                let both = g.gather_with_grad(&Tensor::cat(&[&image_features, &text_features], 1))?;
+                (both.narrow(1, 0, d), both.narrow(1, d, text_features.size()[1]))
+            }
+            None => (image_features.shallow_clone(), text_features.shallow_clone()),
+        };
+        let offset = self.dp.rank() as i64 * image_features.size()[0];
+        let scale = log_scale.exp();
         Ok(match &self.model.logit_bias {
-            Some(bias) => siglip_loss(&image_features, &text_features, &log_scale.exp(), bias),
-            None => clip_loss(&image_features, &text_features, &log_scale.exp()),
+            Some(bias) => siglip_loss_local(&image_features, &all_text, &scale, bias, offset),
+            None => clip_loss_local(&image_features, &text_features, &all_image, &all_text, &scale, offset),
         })
     }
 
     /// The SSL terms (spec §4.4): DINO on CLS tokens (teacher crops swapped), iBOT on the masked
     /// patches, KoLeo on the student's global-crop CLS tokens (pre-head).
-    fn ssl_losses(&mut self, ssl: &SslBatch, teacher_temp: f64) -> Vec<(&'static str, Tensor)> {
+    fn ssl_losses(&mut self, ssl: &SslBatch, teacher_temp: f64) -> Result<Vec<(&'static str, Tensor)>> {
         let wide = !self.model.config.vision_bottleneck_ae_only;
         let loss = self.config.loss.clone();
         let idx = &ssl.masks.mask_indices_list;
@@ -129,11 +150,12 @@ impl Pretrainer {
             let n_cls = cls.size()[0];
             let logits = self.teacher.head.forward(&Tensor::cat(&[cls, patches], 0));
             let (cls_logits, patch_logits) = (logits.narrow(0, 0, n_cls), logits.narrow(0, n_cls, idx.size()[0]));
-            (
-                self.dino.teacher_targets(&cls_logits, teacher_temp, loss.centering),
-                self.ibot.teacher_targets(&patch_logits, teacher_temp, loss.centering),
-            )
-        });
+            let dp = &*self.dp;
+            Ok::<_, anyhow::Error>((
+                self.dino.teacher_targets(&cls_logits, teacher_temp, loss.centering, dp)?,
+                self.ibot.teacher_targets(&patch_logits, teacher_temp, loss.centering, dp)?,
+            ))
+        })?;
         let trunk = &self.model.trunk;
         let g = trunk.forward_train(&ssl.global, Some(&ssl.masks.masks), loss.ssl_drop_path, wide);
         let l = trunk.forward_train(&ssl.local, None, loss.ssl_drop_path, wide);
@@ -153,7 +175,7 @@ impl Pretrainer {
             &ssl.masks.masks_weight,
             N_GLOBAL_CROPS,
         );
-        vec![("dino", dino.total()), ("ibot", ibot), ("koleo", koleo_per_crop(&g.cls, N_GLOBAL_CROPS))]
+        Ok(vec![("dino", dino.total()), ("ibot", ibot), ("koleo", koleo_per_crop(&g.cls, N_GLOBAL_CROPS))])
     }
 
     /// The loss of one batch and its terms (scalars, differentiable).
@@ -168,7 +190,7 @@ impl Pretrainer {
             terms.push(("clip", clip));
         }
         if let (true, Some(ssl)) = (objectives.ssl(), &batch.ssl) {
-            let ssl_terms = self.ssl_losses(ssl, sv.teacher_temp);
+            let ssl_terms = self.ssl_losses(ssl, sv.teacher_temp)?;
             let weights = [l.dino_weight, l.ibot_weight, l.koleo_weight];
             let ssl_total =
                 ssl_terms.iter().zip(weights).fold(Tensor::zeros_like(&total), |acc, ((_, t), w)| acc + t * w);
@@ -188,8 +210,9 @@ impl Pretrainer {
         Ok(Losses { total, terms })
     }
 
-    /// One optimisation step on `batch` with the schedule values `sv`: the losses, backward, gradient
-    /// clipping (`optim.clip_grad`, 0 = off), then [`Self::update`]. A non-finite loss or gradient
+    /// One optimisation step on `batch` (this rank's share of the global batch) with the schedule values
+    /// `sv`: the losses, backward, gradients averaged over the ranks, gradient clipping
+    /// (`optim.clip_grad`, 0 = off), then [`Self::update`]. A non-finite loss (on any rank) or gradient
     /// norm (or `inject_nan`, for tests) skips the update and leaves the weights, optimiser and
     /// centres unchanged. Returns the losses, the gradient norm (before clipping) and whether skipped.
     pub fn step(
@@ -205,8 +228,9 @@ impl Pretrainer {
             losses.total = &losses.total * f64::NAN;
         }
         let mut grad_norm = f64::NAN;
-        if losses.total.double_value(&[]).is_finite() {
+        if self.dp.mean(&[losses.total.double_value(&[])])?[0].is_finite() {
             losses.total.backward();
+            self.dp.average_gradients(&self.parameters())?;
             let max_norm = self.config.optim.clip_grad;
             grad_norm = clip_grad_norm(&self.parameters(), if max_norm > 0.0 { max_norm } else { f64::INFINITY });
         }
@@ -285,20 +309,33 @@ pub struct PretrainRun {
     builder: BatchBuilder,
     schedules: Schedules,
     grid: ReconGrid,
+    /// This rank's image–caption pairs per step.
+    local_clip: usize,
+    /// Every rank's data position, gathered before a checkpoint.
+    feeds: Vec<serde_json::Value>,
 }
 
 impl PretrainRun {
-    /// A fresh run of `config` on `device` with the reconstruction loss `recon`.
-    pub fn new(config: PretrainConfig, recon: ReconLoss, device: Device) -> Result<Self> {
-        let feed = DataFeed::open(&config.data.source, stream_options(&config), None)?;
+    /// A fresh run of `config` on `device` with the reconstruction loss `recon`, as rank `dp.rank()`:
+    /// it reads its own slice of the data (the pipeline's rank × worker split) and builds its share of
+    /// every global batch (`batch.*` divided by the world size).
+    pub fn new(config: PretrainConfig, recon: ReconLoss, device: Device, dp: Arc<DataParallel>) -> Result<Self> {
+        let feed = DataFeed::open(&config.data.source, stream_options(&config, &dp), None)?;
         let c = &config;
+        let b = &c.batch;
+        let local = |n: usize, key: &str| dp.local_rows(n as i64).map(|r| r.1 as usize).context(key.to_string());
+        let sizes = BatchConfig {
+            clip: local(b.clip, "batch.clip")?,
+            ssl: local(b.ssl, "batch.ssl")?,
+            recon: local(b.recon, "batch.recon")?,
+        };
         let builder =
-            BatchBuilder::new(&c.data, &c.batch, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
+            BatchBuilder::new(&c.data, &sizes, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
         let schedules = Schedules::new(&c.schedule, c.train.steps)?;
         let grid =
             ReconGrid::new(&c.data.eval_source, c.eval.grid_images, c.model.vision_patch_size, c.data.recon_size);
-        let trainer = Pretrainer::new(config, recon, device)?;
-        Ok(Self { trainer, feed, builder, schedules, grid })
+        let trainer = Pretrainer::new(config, recon, device, dp)?;
+        Ok(Self { trainer, feed, builder, schedules, grid, local_clip: sizes.clip, feeds: Vec::new() })
     }
 
     /// The loop settings of this run's config.
@@ -307,10 +344,14 @@ impl PretrainRun {
         RunOptions::from_config(&c.train, &c.log, &c.eval, &c.checkpoint)
     }
 
-    /// The step's scalars: every loss term, the schedules, the gradient norm, the CLIP temperature.
-    fn scalars(&self, losses: &Losses, sv: &ScheduleValues, grad_norm: f64) -> Vec<(String, f64)> {
-        let mut out = vec![("loss/total".to_string(), losses.total.double_value(&[]))];
-        out.extend(losses.terms.iter().map(|(k, v)| (format!("loss/{k}"), v.double_value(&[]))));
+    /// The step's scalars: every loss term (the mean over the ranks), the schedules, the gradient
+    /// norm, the CLIP temperature.
+    fn scalars(&self, losses: &Losses, sv: &ScheduleValues, grad_norm: f64) -> Result<Vec<(String, f64)>> {
+        let mut names = vec!["loss/total".to_string()];
+        names.extend(losses.terms.iter().map(|(k, _)| format!("loss/{k}")));
+        let mut values = vec![losses.total.double_value(&[])];
+        values.extend(losses.terms.iter().map(|(_, v)| v.double_value(&[])));
+        let mut out: Vec<(String, f64)> = names.into_iter().zip(self.trainer.dp.mean(&values)?).collect();
         out.extend([
             ("lr".to_string(), sv.lr),
             ("wd".to_string(), sv.wd),
@@ -322,13 +363,15 @@ impl PretrainRun {
         if let Some(s) = &self.trainer.model.logit_scale {
             out.push(("logit_scale".into(), s.exp().double_value(&[])));
         }
-        out
+        Ok(out)
     }
 }
 
-/// The stream options of the training source.
-fn stream_options(c: &PretrainConfig) -> StreamOptions {
+/// The stream options of the training source for rank `dp.rank()` of `dp.world()`.
+fn stream_options(c: &PretrainConfig, dp: &DataParallel) -> StreamOptions {
     StreamOptions {
+        rank: dp.rank(),
+        world_size: dp.world(),
         workers: c.data.workers,
         shuffle_buffer: c.data.shuffle_buffer,
         seed: c.train.seed,
@@ -347,16 +390,17 @@ pub fn step_seed(seed: u64, step: u64) -> u64 {
 
 impl Trainer for PretrainRun {
     fn train_step(&mut self, step: u64) -> Result<StepReport> {
-        let seed = step_seed(self.trainer.config.train.seed, step);
+        let seed = step_seed(self.trainer.dp.rank_seed(self.trainer.config.train.seed), step);
         tch::manual_seed(seed as i64);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let samples = self.feed.next_batch(self.trainer.config.batch.clip)?;
+        let samples = self.feed.next_batch(self.local_clip)?;
         let device = self.trainer.model.device();
         let batch = self.builder.build(&samples, &mut rng).to_device(device);
         let sv = self.schedules.at(step);
         let inject_nan = self.trainer.config.debug.nan_at_steps.contains(&step);
         let (losses, grad_norm, skipped) = self.trainer.step(&batch, &sv, inject_nan)?;
-        Ok(StepReport { scalars: self.scalars(&losses, &sv, grad_norm), images: samples.len(), skipped })
+        let images = samples.len() * self.trainer.dp.world();
+        Ok(StepReport { scalars: self.scalars(&losses, &sv, grad_norm)?, images, skipped })
     }
 
     fn evaluate(&mut self, _step: u64) -> Result<Vec<(String, f64)>> {
@@ -368,17 +412,37 @@ impl Trainer for PretrainRun {
         self.grid.save(&self.trainer.model, step, dir)
     }
 
+    /// Gathers every rank's data position (all ranks, before rank 0 writes a checkpoint).
+    fn sync_state(&mut self) -> Result<()> {
+        self.feeds = self.trainer.dp.gather_json(&serde_json::to_value(self.feed.position())?)?;
+        Ok(())
+    }
+
     fn checkpoint(&self) -> (Vec<(String, Tensor)>, serde_json::Value) {
-        let state = serde_json::json!({ "feed": self.feed.position(), "config": self.trainer.config });
+        let state = serde_json::json!({
+            "feed": self.feed.position(), "feeds": self.feeds, "world": self.trainer.dp.world(),
+            "config": self.trainer.config,
+        });
         (self.trainer.state_tensors(), state)
     }
 
+    /// Restores the weights and this rank's data position (a checkpoint of `W` processes resumes with
+    /// `W`: each holds its readers' positions).
     fn restore(&mut self, tensors: &HashMap<String, Tensor>, state: &serde_json::Value) -> Result<()> {
         self.trainer.load_state_tensors(tensors)?;
+        let (rank, world) = (self.trainer.dp.rank(), self.trainer.dp.world());
+        let saved_world = state["world"].as_u64().unwrap_or(1) as usize;
+        if saved_world != world {
+            bail!(
+                "this pre-training checkpoint was written by {saved_world} processes; resume it with {saved_world} \
+                 (each process's data readers resume where they stopped)"
+            );
+        }
+        let own = state["feeds"].get(rank).filter(|_| world > 1).unwrap_or(&state["feed"]);
         let position: FeedPosition =
-            serde_json::from_value(state["feed"].clone()).context("the checkpoint's data position is unreadable")?;
+            serde_json::from_value(own.clone()).context("the checkpoint's data position is unreadable")?;
         let c = &self.trainer.config;
-        self.feed = DataFeed::open(&c.data.source, stream_options(c), Some(&position))?;
+        self.feed = DataFeed::open(&c.data.source, stream_options(c, &self.trainer.dp), Some(&position))?;
         Ok(())
     }
 

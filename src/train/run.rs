@@ -38,6 +38,11 @@ pub trait Trainer {
     fn evaluate(&mut self, step: u64) -> Result<Vec<(String, f64)>>;
     /// Writes the picture of progress after `step` steps (a reconstruction or sample grid) into `dir`.
     fn snapshot(&mut self, step: u64, dir: &Path) -> Result<PathBuf>;
+    /// Collects what the checkpoint needs from every rank (e.g. each rank's data position); runs on
+    /// every rank just before rank 0 writes a checkpoint.
+    fn sync_state(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// The checkpoint: named tensors and a JSON state (data position, …).
     fn checkpoint(&self) -> (Vec<(String, Tensor)>, serde_json::Value);
     /// Restores a checkpoint written by [`Self::checkpoint`].
@@ -239,8 +244,11 @@ pub fn run(
         let asked = stop.load(Ordering::SeqCst) || opts.stop_after.is_some_and(|n| step >= start + n);
         let interrupted = dp.any(asked)?;
         // No checkpoint inside a run of non-finite steps: the last one before it stays the newest.
-        if main && (due(opts.checkpoint_every) || step == opts.steps || interrupted) && bad_in_row == 0 {
-            save(trainer, run_dir, step, opts.keep)?;
+        if (due(opts.checkpoint_every) || step == opts.steps || interrupted) && bad_in_row == 0 {
+            trainer.sync_state()?;
+            if main {
+                save(trainer, run_dir, step, opts.keep)?;
+            }
         }
         if interrupted && step < opts.steps {
             if main {

@@ -6,6 +6,8 @@
 //! pair. Teacher targets are either *centred* `softmax((t - c) / T_t)` with the EMA centre
 //! `c ← m·c + (1 - m)·mean_rows(t)` (updated after use), or *Sinkhorn–Knopp* normalised (3 iterations, no
 //! centre). The centring and Sinkhorn helpers here are shared with the iBOT patch loss ([`super::ibot`]).
+use crate::dist::DataParallel;
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -40,20 +42,31 @@ pub(crate) fn center_ema(center: &Tensor, batch_sum: &Tensor, count: i64, moment
 /// DINOv2 `sinkhorn_knopp_teacher` (no autograd): `Q = exp(t / T_t)ᵀ` (`[K, rows]`, no max-subtraction, as the
 /// reference), `Q /= ΣQ`, then `n_iterations` times `Q /= rowsum(Q); Q /= K; Q /= colsum(Q); Q /= B`, and
 /// `(Q · B)ᵀ` (each row sums to 1). `n_samples` is `B`: the global row count for DINO, the all-reduced
-/// masked-patch count for iBOT (with one process, the number of rows of `teacher_logits`).
-pub fn sinkhorn_knopp_teacher(teacher_logits: &Tensor, teacher_temp: f64, n_iterations: i64, n_samples: f64) -> Tensor {
+/// masked-patch count for iBOT (with one process, the number of rows of `teacher_logits`). Over several
+/// processes (`dp`) the total and the per-prototype sums are all-reduced, as DINOv2's `dist.all_reduce`.
+pub fn sinkhorn_knopp_teacher(
+    teacher_logits: &Tensor,
+    teacher_temp: f64,
+    n_iterations: i64,
+    n_samples: f64,
+    dp: &DataParallel,
+) -> Result<Tensor> {
     tch::no_grad(|| {
         let mut q = (teacher_logits.to_kind(Kind::Float) / teacher_temp).exp().tr();
         let n_prototypes = q.size()[0] as f64;
-        q /= q.sum(None);
+        let total = q.sum(None);
+        dp.sum(&[total.shallow_clone()])?;
+        q /= total;
         for _ in 0..n_iterations {
-            q /= q.sum_dim_intlist(1, true, None);
+            let per_prototype = q.sum_dim_intlist(1, true, None);
+            dp.sum(&[per_prototype.shallow_clone()])?;
+            q /= per_prototype;
             q /= n_prototypes;
             q /= q.sum_dim_intlist(0, true, None);
             q /= n_samples;
         }
         q *= n_samples;
-        q.tr()
+        Ok(q.tr())
     })
 }
 
@@ -95,30 +108,34 @@ impl DinoLoss {
         softmax_centered(teacher_logits, &self.center, teacher_temp)
     }
 
-    /// Centre EMA over the rows of `teacher_logits` (`[rows, K]`): `batch_center = Σ_rows t / rows`, then
-    /// `center = center · m + batch_center · (1 - m)`.
-    pub fn update_center(&mut self, teacher_logits: &Tensor) {
+    /// Centre EMA over the rows of `teacher_logits` (`[rows, K]`) of every process: `batch_center =
+    /// all_reduce(Σ_rows t) / (rows · world)`, then `center = center · m + batch_center · (1 - m)`.
+    pub fn update_center(&mut self, teacher_logits: &Tensor, dp: &DataParallel) -> Result<()> {
         let batch_sum = tch::no_grad(|| teacher_logits.sum_dim_intlist(0, true, None));
-        self.center = center_ema(&self.center, &batch_sum, teacher_logits.size()[0], self.center_momentum);
+        dp.sum(&[batch_sum.shallow_clone()])?;
+        let rows = teacher_logits.size()[0] * dp.world() as i64;
+        self.center = center_ema(&self.center, &batch_sum, rows, self.center_momentum);
+        Ok(())
     }
 
     /// Targets for `teacher_logits` (`[n_global · B, K]`): centring uses the centre from before this batch
-    /// and then updates it; Sinkhorn–Knopp uses `B = rows` and leaves the centre alone.
+    /// and then updates it; Sinkhorn–Knopp uses `B = rows · world` and leaves the centre alone.
     pub fn teacher_targets(
         &mut self,
         teacher_logits: &Tensor,
         teacher_temp: f64,
         centering: TeacherCentering,
-    ) -> Tensor {
+        dp: &DataParallel,
+    ) -> Result<Tensor> {
         match centering {
             TeacherCentering::Centering => {
                 let targets = self.softmax_center_teacher(teacher_logits, teacher_temp);
-                self.update_center(teacher_logits);
-                targets
+                self.update_center(teacher_logits, dp)?;
+                Ok(targets)
             }
             TeacherCentering::SinkhornKnopp => {
-                let rows = teacher_logits.size()[0] as f64;
-                sinkhorn_knopp_teacher(teacher_logits, teacher_temp, SINKHORN_ITERATIONS, rows)
+                let rows = (teacher_logits.size()[0] * dp.world() as i64) as f64;
+                sinkhorn_knopp_teacher(teacher_logits, teacher_temp, SINKHORN_ITERATIONS, rows, dp)
             }
         }
     }

@@ -9,6 +9,8 @@
 use super::dino::{
     center_ema, sinkhorn_knopp_teacher, softmax_centered, TeacherCentering, LOSS_SCALES, SINKHORN_ITERATIONS,
 };
+use crate::dist::DataParallel;
+use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 /// DINOv2 `iBOTPatchLoss`: the masked-patch cross-entropy and its teacher centre.
@@ -35,30 +37,36 @@ impl IbotPatchLoss {
     }
 
     /// Centre EMA with the mean over the `M` masked patches (`[M, K]`). DINOv2 sees them as one `[1, M, K]`
-    /// sequence: `batch_center = Σ_0 mean_1(h) / len(h)` with `len(h) = 1`.
-    pub fn update_center(&mut self, teacher_masked: &Tensor) {
+    /// sequence: `batch_center = all_reduce(Σ_0 mean_1(h)) / (len(h) · world)` with `len(h) = 1` — the
+    /// mean of the processes' means (their masked counts may differ).
+    pub fn update_center(&mut self, teacher_masked: &Tensor, dp: &DataParallel) -> Result<()> {
         let h = teacher_masked.unsqueeze(0);
         let batch_sum = tch::no_grad(|| h.mean_dim(1, false, None).sum_dim_intlist(0, true, None));
-        self.center = center_ema(&self.center, &batch_sum, h.size()[0], self.center_momentum);
+        dp.sum(&[batch_sum.shallow_clone()])?;
+        let count = h.size()[0] * dp.world() as i64;
+        self.center = center_ema(&self.center, &batch_sum, count, self.center_momentum);
+        Ok(())
     }
 
     /// Targets for the masked teacher patch logits (`[M, K]`): centring uses the centre from before this batch
-    /// and then updates it; Sinkhorn–Knopp uses `B = M` (one process) and leaves the centre alone.
+    /// and then updates it; Sinkhorn–Knopp uses `B` = the masked-patch count of every process and leaves
+    /// the centre alone.
     pub fn teacher_targets(
         &mut self,
         teacher_masked: &Tensor,
         teacher_temp: f64,
         centering: TeacherCentering,
-    ) -> Tensor {
+        dp: &DataParallel,
+    ) -> Result<Tensor> {
         match centering {
             TeacherCentering::Centering => {
                 let targets = self.softmax_center_teacher(teacher_masked, teacher_temp);
-                self.update_center(teacher_masked);
-                targets
+                self.update_center(teacher_masked, dp)?;
+                Ok(targets)
             }
             TeacherCentering::SinkhornKnopp => {
-                let n_masked_patches = teacher_masked.size()[0] as f64;
-                sinkhorn_knopp_teacher(teacher_masked, teacher_temp, SINKHORN_ITERATIONS, n_masked_patches)
+                let n_masked_patches = dp.mean(&[teacher_masked.size()[0] as f64])?[0] * dp.world() as f64;
+                sinkhorn_knopp_teacher(teacher_masked, teacher_temp, SINKHORN_ITERATIONS, n_masked_patches, dp)
             }
         }
     }

@@ -53,8 +53,7 @@ pub fn finetune_decoder(a: &FinetuneArgs, device: Device) -> Result<()> {
     let dir = a.run.run_dir()?;
     let recon = recon_loss(&mut config.loss.lpips, device);
     let summary = a.run.train(&dir, &config, |dp| {
-        dp.require_single("this trainer")?;
-        let trainer = FinetuneRun::new(config.clone(), model, recon)?;
+        let trainer = FinetuneRun::new(config.clone(), model, recon, dp)?;
         let opts = trainer.run_options();
         Ok((trainer, opts))
     })?;

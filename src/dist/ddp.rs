@@ -77,14 +77,6 @@ impl DataParallel {
         self.rank() == 0
     }
 
-    /// Fails unless this is a job of one process (for `what`, which does not run multi-process).
-    pub fn require_single(&self, what: &str) -> Result<()> {
-        if self.world() > 1 {
-            bail!("{what} does not run multi-process yet (WORLD_SIZE = {})", self.world());
-        }
-        Ok(())
-    }
-
     /// This rank's rows `(start, len)` of a global batch of `n` (which the world must divide).
     pub fn local_rows(&self, n: i64) -> Result<(i64, i64)> {
         let w = self.world() as i64;

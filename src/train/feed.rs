@@ -2,6 +2,7 @@
 //! checkpoint stores so a resumed run reads exactly the samples the uninterrupted run would have.
 use crate::data::source::{self, SampleStream, SkipCounts, SourceSpec, StreamOptions, StreamState};
 use crate::data::Sample;
+use crate::dist::DataParallel;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -66,5 +67,40 @@ impl DataFeed {
     /// The position to store in a checkpoint.
     pub fn position(&self) -> FeedPosition {
         FeedPosition { stream: self.stream.position(), skipped_before: self.skipped_before }
+    }
+}
+
+/// The data positions of every rank of a job (rank order), as a checkpoint stores them: each rank
+/// reads its own slice of the source, so each resumes from its own position.
+#[derive(Debug, Default, Clone)]
+pub struct RankPositions {
+    positions: Vec<serde_json::Value>,
+}
+
+impl RankPositions {
+    /// Gathers every rank's position of `feed` (a collective: every rank calls it).
+    pub fn gather(feed: &DataFeed, dp: &DataParallel) -> Result<Self> {
+        Ok(Self { positions: dp.gather_json(&serde_json::to_value(feed.position())?)? })
+    }
+
+    /// The checkpoint-state fields: `feed` (rank 0's, as single-process checkpoints have it), `feeds`
+    /// (every rank's) and `world`.
+    pub fn state(&self, feed: &DataFeed, dp: &DataParallel) -> serde_json::Value {
+        serde_json::json!({ "feed": feed.position(), "feeds": self.positions, "world": dp.world() })
+    }
+
+    /// This rank's position in a checkpoint `state` written by [`Self::state`] (or a single-process
+    /// one); a checkpoint of another world size is refused.
+    pub fn saved(state: &serde_json::Value, dp: &DataParallel) -> Result<FeedPosition> {
+        let world = dp.world();
+        let saved_world = state["world"].as_u64().unwrap_or(1) as usize;
+        if saved_world != world {
+            bail!(
+                "this checkpoint was written by {saved_world} processes; resume it with {saved_world} \
+                 (each process's data readers resume where they stopped)"
+            );
+        }
+        let own = state["feeds"].get(dp.rank()).filter(|_| world > 1).unwrap_or(&state["feed"]);
+        serde_json::from_value(own.clone()).context("the checkpoint's data position is unreadable")
     }
 }

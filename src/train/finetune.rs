@@ -19,7 +19,7 @@ use super::config::{
     commented_toml, key_doc, load_layered, CheckpointConfig, DebugConfig, EvalConfig, LogConfig, TrainConfig,
 };
 use super::discriminator::{adaptive_weight, generator_loss, hinge_d_loss, NLayerDiscriminator};
-use super::feed::{DataFeed, FeedPosition};
+use super::feed::{DataFeed, RankPositions};
 use super::objectives::recon::ReconLoss;
 use super::online::{online_evaluation, ReconGrid};
 use super::optim::{clip_grad_norm, dinov2_param_specs, AdamW, AdamWConfig};
@@ -28,6 +28,7 @@ use super::run::{RunOptions, StepReport, Trainer};
 use super::schedule::CosineScheduler;
 use crate::data::augment::{Augment, ReconCrop};
 use crate::data::source::StreamOptions;
+use crate::dist::DataParallel;
 use crate::model::VtpModel;
 use anyhow::{bail, Context, Result};
 use rand::SeedableRng;
@@ -35,6 +36,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::{nn, Kind, Tensor};
 
 /// Names accepted by [`FinetuneConfig::preset`].
@@ -304,19 +306,19 @@ const FINETUNE_KEY_DOCS: &[(&str, &str)] = &[
 ];
 
 /// The generator side of one step: its loss and named terms (scalars).
-struct GeneratorLosses {
-    total: Tensor,
-    terms: Vec<(&'static str, Tensor)>,
+pub struct GeneratorLosses {
+    pub total: Tensor,
+    pub terms: Vec<(&'static str, Tensor)>,
 }
 
 /// What one step computed, for its report.
-struct StepOutcome {
-    generator: GeneratorLosses,
+pub struct StepOutcome {
+    pub generator: GeneratorLosses,
     /// `(d_loss, mean D(x), mean D(x̂))` from `disc_start` on.
-    disc: Option<(Tensor, Tensor, Tensor)>,
-    grad_norm: f64,
-    disc_grad_norm: f64,
-    skipped: bool,
+    pub disc: Option<(Tensor, Tensor, Tensor)>,
+    pub grad_norm: f64,
+    pub disc_grad_norm: f64,
+    pub skipped: bool,
 }
 
 /// `vtp finetune-decoder`'s run: the frozen tokenizer, its trained decoder, the discriminator, the
@@ -337,6 +339,10 @@ pub struct FinetuneRun {
     grid: ReconGrid,
     /// A checksum of the frozen weights, stored in checkpoints: a resume must load the same tokenizer.
     frozen_fingerprint: f64,
+    /// This process's place in the job, its images per step and every rank's data position.
+    dp: Arc<DataParallel>,
+    local_batch: usize,
+    feeds: RankPositions,
 }
 
 /// The model's parameters whose name starts (or not, `!decoder`) with [`DECODER_PREFIX`], sorted.
@@ -364,17 +370,14 @@ fn fingerprint(frozen: &[(String, Tensor)]) -> f64 {
     tch::no_grad(|| frozen.iter().map(|(_, t)| t.to_kind(Kind::Double).sum(Kind::Double).double_value(&[])).sum())
 }
 
-/// Whether a scalar tensor is finite.
-fn finite(t: &Tensor) -> bool {
-    t.double_value(&[]).is_finite()
-}
-
 impl FinetuneRun {
     /// A fresh run of `config` on the tokenizer `model` with the reconstruction loss `recon`: the
     /// encoder, bottleneck and every other non-decoder weight frozen, the discriminator seeded by
-    /// `train.seed`.
-    pub fn new(config: FinetuneConfig, model: VtpModel, recon: ReconLoss) -> Result<Self> {
+    /// `train.seed`; over several processes (`dp`) each rank reads its slice of the data and takes
+    /// `batch.size / world` images a step, all starting from rank 0's decoder and discriminator.
+    pub fn new(config: FinetuneConfig, model: VtpModel, recon: ReconLoss, dp: Arc<DataParallel>) -> Result<Self> {
         check_model(&config, &model)?;
+        let local_batch = dp.local_rows(config.batch.size as i64).context("batch.size")?.1 as usize;
         let frozen = named_parameters(&model, false);
         for (_, t) in &frozen {
             let _ = t.set_requires_grad(false);
@@ -396,7 +399,10 @@ impl FinetuneRun {
         let decoder_optim = adamw(named_parameters(&model, true), adam);
         let disc_optim = adamw(sorted_variables(&disc_vs), adam);
         let last_layer = model.vs.variables().remove(LAST_LAYER).context("the model has no pixel decoder")?;
-        let feed = DataFeed::open(&config.data.source, stream_options(&config), None)?;
+        let trained: Vec<Tensor> =
+            named_parameters(&model, true).into_iter().chain(sorted_variables(&disc_vs)).map(|(_, t)| t).collect();
+        dp.broadcast_from_main(&trained)?;
+        let feed = DataFeed::open(&config.data.source, stream_options(&config, &dp), None)?;
         let (data, eval) = (&config.data, &config.eval);
         let grid = ReconGrid::new(&data.eval_source, eval.grid_images, model.config.vision_patch_size, data.recon_size);
         Ok(Self {
@@ -413,6 +419,9 @@ impl FinetuneRun {
             feed,
             grid,
             frozen_fingerprint,
+            dp,
+            local_batch,
+            feeds: RankPositions::default(),
         })
     }
 
@@ -452,9 +461,15 @@ impl FinetuneRun {
         (hinge_d_loss(&real, &fake), real.mean(Kind::Float), fake.mean(Kind::Float))
     }
 
-    /// One step on `images` at `step` with learning rate `lr` (see the module doc); `inject_nan`
-    /// (tests) makes the generator loss NaN.
-    fn step(&mut self, images: &Tensor, step: u64, lr: f64, inject_nan: bool) -> Result<StepOutcome> {
+    /// Whether the scalar loss `t` is finite on every rank (so that all ranks skip together).
+    fn finite_everywhere(&self, t: &Tensor) -> Result<bool> {
+        Ok(self.dp.mean(&[t.double_value(&[])])?[0].is_finite())
+    }
+
+    /// One step on `images` (this rank's share) at `step` with learning rate `lr` (see the module
+    /// doc), gradients averaged over the ranks; `inject_nan` (tests) makes the generator loss NaN. The
+    /// adaptive GAN weight is each rank's own, as in taming-transformers under DDP.
+    pub fn step(&mut self, images: &Tensor, step: u64, lr: f64, inject_nan: bool) -> Result<StepOutcome> {
         let adversarial = step >= self.config.loss.disc_start;
         let max_norm = self.config.optim.max_norm();
         self.decoder_optim.zero_grad();
@@ -465,8 +480,9 @@ impl FinetuneRun {
             generator.total = &generator.total * f64::NAN;
         }
         let mut grad_norm = f64::NAN;
-        if finite(&generator.total) {
+        if self.finite_everywhere(&generator.total)? {
             generator.total.backward();
+            self.dp.average_gradients(&params(&self.decoder_optim))?;
             grad_norm = clip_grad_norm(&params(&self.decoder_optim), max_norm);
         }
         // The generator's backward also reached the discriminator: those gradients are dropped.
@@ -475,8 +491,9 @@ impl FinetuneRun {
         let mut disc_grad_norm = 0.0;
         if let Some((d_loss, _, _)) = &disc {
             disc_grad_norm = f64::NAN;
-            if finite(d_loss) {
+            if self.finite_everywhere(d_loss)? {
                 d_loss.backward();
+                self.dp.average_gradients(&params(&self.disc_optim))?;
                 disc_grad_norm = clip_grad_norm(&params(&self.disc_optim), max_norm);
             }
         }
@@ -495,23 +512,25 @@ impl FinetuneRun {
         Ok(StepOutcome { generator, disc, grad_norm, disc_grad_norm, skipped })
     }
 
-    /// The step's scalars: every loss term, the discriminator's logits, lr and gradient norms.
-    fn scalars(&self, o: &StepOutcome, lr: f64) -> Vec<(String, f64)> {
-        let mut out = vec![("loss/total".to_string(), o.generator.total.double_value(&[]))];
+    /// The step's scalars: every loss term and the discriminator's logits (means over the ranks), lr
+    /// and gradient norms.
+    fn scalars(&self, o: &StepOutcome, lr: f64) -> Result<Vec<(String, f64)>> {
+        let mut terms: Vec<(String, &Tensor)> = vec![("loss/total".to_string(), &o.generator.total)];
         for (k, v) in &o.generator.terms {
-            let name = if *k == "d_weight" { k.to_string() } else { format!("loss/{k}") };
-            out.push((name, v.double_value(&[])));
+            terms.push((if *k == "d_weight" { k.to_string() } else { format!("loss/{k}") }, v));
         }
         if let Some((d, real, fake)) = &o.disc {
-            out.push(("loss/d".into(), d.double_value(&[])));
-            out.push(("disc/logits_real".into(), real.double_value(&[])));
-            out.push(("disc/logits_fake".into(), fake.double_value(&[])));
+            terms.extend([("loss/d".into(), d), ("disc/logits_real".into(), real), ("disc/logits_fake".into(), fake)]);
+        }
+        let values: Vec<f64> = terms.iter().map(|(_, t)| t.double_value(&[])).collect();
+        let mut out: Vec<(String, f64)> = terms.into_iter().map(|(k, _)| k).zip(self.dp.mean(&values)?).collect();
+        if o.disc.is_some() {
             out.push(("disc_grad_norm".into(), o.disc_grad_norm));
         }
         out.push(("lr".into(), lr));
         out.push(("grad_norm".into(), o.grad_norm));
         out.push(("data/skipped_samples".into(), self.feed.skipped().total() as f64));
-        out
+        Ok(out)
     }
 
     /// Every tensor a checkpoint holds: the decoder, the discriminator and both optimisers' moments.
@@ -541,9 +560,11 @@ fn check_model(config: &FinetuneConfig, model: &VtpModel) -> Result<()> {
     Ok(())
 }
 
-/// The stream options of the training source.
-fn stream_options(c: &FinetuneConfig) -> StreamOptions {
+/// The stream options of the training source for rank `dp.rank()` of `dp.world()`.
+fn stream_options(c: &FinetuneConfig, dp: &DataParallel) -> StreamOptions {
     StreamOptions {
+        rank: dp.rank(),
+        world_size: dp.world(),
         workers: c.data.workers,
         shuffle_buffer: c.data.shuffle_buffer,
         seed: c.train.seed,
@@ -553,16 +574,17 @@ fn stream_options(c: &FinetuneConfig) -> StreamOptions {
 
 impl Trainer for FinetuneRun {
     fn train_step(&mut self, step: u64) -> Result<StepReport> {
-        let seed = step_seed(self.config.train.seed, step);
+        let seed = step_seed(self.dp.rank_seed(self.config.train.seed), step);
         tch::manual_seed(seed as i64);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let samples = self.feed.next_batch(self.config.batch.size)?;
+        let samples = self.feed.next_batch(self.local_batch)?;
         let crop = self.crop;
         let images = render(samples.iter().collect(), &mut rng, |s, r| crop.apply(&s.image, r));
         let lr = self.lr.value(step);
         let inject_nan = self.config.debug.nan_at_steps.contains(&step);
         let outcome = self.step(&images.to_device(self.model.device()), step, lr, inject_nan)?;
-        Ok(StepReport { scalars: self.scalars(&outcome, lr), images: samples.len(), skipped: outcome.skipped })
+        let images = samples.len() * self.dp.world();
+        Ok(StepReport { scalars: self.scalars(&outcome, lr)?, images, skipped: outcome.skipped })
     }
 
     fn evaluate(&mut self, _step: u64) -> Result<Vec<(String, f64)>> {
@@ -574,12 +596,16 @@ impl Trainer for FinetuneRun {
         self.grid.save(&self.model, step, dir)
     }
 
+    /// Gathers every rank's data position (all ranks, before rank 0 writes a checkpoint).
+    fn sync_state(&mut self) -> Result<()> {
+        self.feeds = RankPositions::gather(&self.feed, &self.dp)?;
+        Ok(())
+    }
+
     fn checkpoint(&self) -> (Vec<(String, Tensor)>, serde_json::Value) {
-        let state = serde_json::json!({
-            "feed": self.feed.position(),
-            "config": self.config,
-            "frozen_fingerprint": self.frozen_fingerprint,
-        });
+        let mut state = self.feeds.state(&self.feed, &self.dp);
+        state["config"] = serde_json::json!(self.config);
+        state["frozen_fingerprint"] = serde_json::json!(self.frozen_fingerprint);
         (self.state_tensors(), state)
     }
 
@@ -592,9 +618,8 @@ impl Trainer for FinetuneRun {
         restore_into(&live, tensors, "")?;
         self.decoder_optim.load_state_tensors(tensors)?;
         self.disc_optim.load_state_tensors(tensors)?;
-        let position: FeedPosition =
-            serde_json::from_value(state["feed"].clone()).context("the checkpoint's data position is unreadable")?;
-        self.feed = DataFeed::open(&self.config.data.source, stream_options(&self.config), Some(&position))?;
+        let position = RankPositions::saved(state, &self.dp)?;
+        self.feed = DataFeed::open(&self.config.data.source, stream_options(&self.config, &self.dp), Some(&position))?;
         Ok(())
     }
 

@@ -8,7 +8,7 @@
 use super::batch::{BatchBuilder, PretrainBatch, SslBatch};
 use super::config::{BatchConfig, PretrainConfig};
 use super::dino_head::DinoHead;
-use super::feed::{DataFeed, FeedPosition};
+use super::feed::{DataFeed, RankPositions};
 use super::objectives::clip::{clamp_logit_scale, clip_loss_local, siglip_loss_local};
 use super::objectives::dino::DinoLoss;
 use super::objectives::ibot::IbotPatchLoss;
@@ -24,7 +24,7 @@ use crate::data::source::StreamOptions;
 use crate::dist::DataParallel;
 use crate::model::encoder::{tokens_to_map, Features};
 use crate::model::{l2_normalize, VtpModel};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -312,7 +312,7 @@ pub struct PretrainRun {
     /// This rank's image–caption pairs per step.
     local_clip: usize,
     /// Every rank's data position, gathered before a checkpoint.
-    feeds: Vec<serde_json::Value>,
+    feeds: RankPositions,
 }
 
 impl PretrainRun {
@@ -335,7 +335,7 @@ impl PretrainRun {
         let grid =
             ReconGrid::new(&c.data.eval_source, c.eval.grid_images, c.model.vision_patch_size, c.data.recon_size);
         let trainer = Pretrainer::new(config, recon, device, dp)?;
-        Ok(Self { trainer, feed, builder, schedules, grid, local_clip: sizes.clip, feeds: Vec::new() })
+        Ok(Self { trainer, feed, builder, schedules, grid, local_clip: sizes.clip, feeds: RankPositions::default() })
     }
 
     /// The loop settings of this run's config.
@@ -414,15 +414,13 @@ impl Trainer for PretrainRun {
 
     /// Gathers every rank's data position (all ranks, before rank 0 writes a checkpoint).
     fn sync_state(&mut self) -> Result<()> {
-        self.feeds = self.trainer.dp.gather_json(&serde_json::to_value(self.feed.position())?)?;
+        self.feeds = RankPositions::gather(&self.feed, &self.trainer.dp)?;
         Ok(())
     }
 
     fn checkpoint(&self) -> (Vec<(String, Tensor)>, serde_json::Value) {
-        let state = serde_json::json!({
-            "feed": self.feed.position(), "feeds": self.feeds, "world": self.trainer.dp.world(),
-            "config": self.trainer.config,
-        });
+        let mut state = self.feeds.state(&self.feed, &self.trainer.dp);
+        state["config"] = serde_json::json!(self.trainer.config);
         (self.trainer.state_tensors(), state)
     }
 
@@ -430,17 +428,7 @@ impl Trainer for PretrainRun {
     /// `W`: each holds its readers' positions).
     fn restore(&mut self, tensors: &HashMap<String, Tensor>, state: &serde_json::Value) -> Result<()> {
         self.trainer.load_state_tensors(tensors)?;
-        let (rank, world) = (self.trainer.dp.rank(), self.trainer.dp.world());
-        let saved_world = state["world"].as_u64().unwrap_or(1) as usize;
-        if saved_world != world {
-            bail!(
-                "this pre-training checkpoint was written by {saved_world} processes; resume it with {saved_world} \
-                 (each process's data readers resume where they stopped)"
-            );
-        }
-        let own = state["feeds"].get(rank).filter(|_| world > 1).unwrap_or(&state["feed"]);
-        let position: FeedPosition =
-            serde_json::from_value(own.clone()).context("the checkpoint's data position is unreadable")?;
+        let position = RankPositions::saved(state, &self.trainer.dp)?;
         let c = &self.trainer.config;
         self.feed = DataFeed::open(&c.data.source, stream_options(c, &self.trainer.dp), Some(&position))?;
         Ok(())

@@ -36,20 +36,8 @@ use vtp::train::schedule::Schedules;
 
 const OVERRIDES: &[&str] = &[
     "model.vision_depth=2",
-    "model.decoder_depth=1",
-    "model.text_depth=1",
-    "model.text_context_length=16",
-    "batch.clip=8",
-    "batch.ssl=4",
-    "batch.recon=4",
-    "data.clip_size=32",
     "data.global_size=64",
     "data.local_size=32",
-    "data.n_local_crops=2",
-    "data.recon_size=32",
-    "dino_head.out_dim=64",
-    "dino_head.hidden_dim=32",
-    "dino_head.bottleneck_dim=16",
     "loss.ssl_drop_path=0.0",
     "loss.clip_drop_path=0.0",
     "loss.rec_drop_path=0.0",
@@ -61,7 +49,7 @@ const OVERRIDES: &[&str] = &[
 const STEP: u64 = 60;
 
 fn config(centering: &str, objectives: &str) -> PretrainConfig {
-    let mut o: Vec<String> = OVERRIDES.iter().map(|s| s.to_string()).collect();
+    let mut o: Vec<String> = [common::PRETRAIN_STEP_SMALL, OVERRIDES].concat().iter().map(|s| s.to_string()).collect();
     o.push(format!("loss.centering={centering}"));
     o.push(format!("objectives={objectives}"));
     PretrainConfig::load("tiny", None, &o).unwrap()

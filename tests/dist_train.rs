@@ -148,20 +148,8 @@ fn a_killed_rank_stops_the_job_and_the_last_checkpoint_resumes() {
 /// A small `vtp pretrain --preset tiny` for a few 2-process steps.
 const PRETRAIN_SMALL: &[&str] = &[
     "model.vision_depth=1",
-    "model.decoder_depth=1",
-    "model.text_depth=1",
-    "model.text_context_length=16",
-    "batch.clip=8",
-    "batch.ssl=4",
-    "batch.recon=4",
-    "data.clip_size=32",
     "data.global_size=32",
     "data.local_size=16",
-    "data.n_local_crops=2",
-    "data.recon_size=32",
-    "dino_head.out_dim=64",
-    "dino_head.hidden_dim=32",
-    "dino_head.bottleneck_dim=16",
     "schedule.warmup_steps=1",
     "schedule.warmup_teacher_temp_steps=1",
     "schedule.freeze_last_layer_steps=0",
@@ -174,7 +162,7 @@ const PRETRAIN_SMALL: &[&str] = &[
 fn pretraining_runs_on_two_processes_and_resumes_with_two() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let base = [&["pretrain", "--preset", "tiny", "--out", s(&run)][..], PRETRAIN_SMALL].concat();
+    let base = [&["pretrain", "--preset", "tiny", "--out", s(&run)][..], PRETRAIN_STEP_SMALL, PRETRAIN_SMALL].concat();
     assert_success(&launch2(&[&base[..], &["train.steps=2"]].concat()), "2-process pretrain");
     assert_eq!(series(&run, "loss/total").len(), 2, "rank 0 alone logs, one line per step");
     assert_eq!(newest_checkpoint(&run).1, 2);

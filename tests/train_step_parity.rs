@@ -45,20 +45,8 @@ const TRAINED_STEP: u64 = 60;
 /// The `tiny` preset shrunk to a few seconds per step on 2 cores.
 const OVERRIDES: &[&str] = &[
     "model.vision_depth=3",
-    "model.decoder_depth=1",
-    "model.text_depth=1",
-    "model.text_context_length=16",
-    "batch.clip=8",
-    "batch.ssl=4",
-    "batch.recon=4",
-    "data.clip_size=32",
     "data.global_size=64",
     "data.local_size=32",
-    "data.n_local_crops=2",
-    "data.recon_size=32",
-    "dino_head.out_dim=64",
-    "dino_head.hidden_dim=32",
-    "dino_head.bottleneck_dim=16",
     "loss.ssl_drop_path=0.0",
     "loss.lpips=false",
     "optim.layer_decay=0.9",
@@ -166,7 +154,8 @@ fn compare_state(rust: &[(String, Tensor)], torch: &HashMap<String, Tensor>) -> 
 /// targets `centering`, and compares every loss term and the final state.
 fn steps_match_pytorch(centering: &str, steps: &[u64]) {
     tch::set_num_threads(2);
-    let mut overrides: Vec<String> = OVERRIDES.iter().map(|o| o.to_string()).collect();
+    let mut overrides: Vec<String> =
+        [common::PRETRAIN_STEP_SMALL, OVERRIDES].concat().iter().map(|o| o.to_string()).collect();
     overrides.push(format!("loss.centering={centering}"));
     let config = PretrainConfig::load("tiny", None, &overrides).unwrap();
     let single = vtp::dist::DataParallel::single().into();

@@ -198,3 +198,21 @@ pub fn series(run: &Path, key: &str) -> Vec<f64> {
 pub fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
+
+/// `vtp pretrain --preset tiny` shrunk to a few seconds per step on 2 cores (batch 8 / 4 / 4, 32-px
+/// CLIP and reconstruction crops, 2 local crops, a 64-prototype head); each test adds its depth,
+/// SSL crop sizes and losses.
+pub const PRETRAIN_STEP_SMALL: &[&str] = &[
+    "model.decoder_depth=1",
+    "model.text_depth=1",
+    "model.text_context_length=16",
+    "batch.clip=8",
+    "batch.ssl=4",
+    "batch.recon=4",
+    "data.clip_size=32",
+    "data.n_local_crops=2",
+    "data.recon_size=32",
+    "dino_head.out_dim=64",
+    "dino_head.hidden_dim=32",
+    "dino_head.bottleneck_dim=16",
+];

@@ -19,7 +19,8 @@ fn libtorch() -> Option<Libtorch> {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").ok()?);
     let venv_python = manifest.join(".venv/bin/python");
     let python = if venv_python.exists() { venv_python } else { PathBuf::from("python3") };
-    let script = "import os, torch; print(os.path.dirname(torch.__file__)); print(int(torch._C._GLIBCXX_USE_CXX11_ABI))";
+    let script =
+        "import os, torch; print(os.path.dirname(torch.__file__)); print(int(torch._C._GLIBCXX_USE_CXX11_ABI))";
     let out = Command::new(python).args(["-c", script]).output().ok()?;
     if !out.status.success() {
         return None;

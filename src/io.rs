@@ -1,7 +1,7 @@
 //! File helpers shared by every command: atomic writes and safetensors <-> tch tensors.
 use anyhow::{bail, Context, Result};
 use safetensors::{Dtype, SafeTensors};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -102,4 +102,46 @@ pub fn name_list(items: &[String]) -> String {
         out.push_str(&format!(" (+{} more)", items.len() - SHOWN));
     }
     out
+}
+
+/// Copies the tensors of a weight file (`file`, as read from `path`) into a model's `want` (its
+/// parameters and buffers by name) after checking that the names and shapes match exactly and every
+/// stored tensor is floating point; otherwise one error listing the missing, unexpected, mis-shaped
+/// and non-float names, saying that `path` does not match `against` (e.g. "its config.json").
+pub fn load_matching(
+    want: BTreeMap<String, Tensor>,
+    file: &BTreeMap<String, Tensor>,
+    path: &Path,
+    against: &str,
+) -> Result<()> {
+    let missing: Vec<String> = want.keys().filter(|k| !file.contains_key(*k)).cloned().collect();
+    let unexpected: Vec<String> = file.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
+    let misshaped: Vec<String> = want
+        .iter()
+        .filter_map(|(k, t)| {
+            let f = file.get(k)?;
+            (f.size() != t.size()).then(|| format!("{k} (file {:?}, config {:?})", f.size(), t.size()))
+        })
+        .collect();
+    let non_float: Vec<String> = file
+        .iter()
+        .filter(|(_, t)| !matches!(t.kind(), Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double))
+        .map(|(k, t)| format!("{k} ({:?})", t.kind()))
+        .collect();
+    let groups =
+        [("missing", &missing), ("unexpected", &unexpected), ("mis-shaped", &misshaped), ("non-float", &non_float)];
+    let parts: Vec<String> = groups
+        .iter()
+        .filter(|(_, names)| !names.is_empty())
+        .map(|(what, names)| format!("{} {what}: {}", names.len(), name_list(names)))
+        .collect();
+    if !parts.is_empty() {
+        bail!("'{}' does not match {against}: {}", path.display(), parts.join("; "));
+    }
+    tch::no_grad(|| {
+        for (name, mut dst) in want {
+            dst.copy_(&file[&name]);
+        }
+    });
+    Ok(())
 }

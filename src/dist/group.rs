@@ -105,12 +105,26 @@ impl Peers {
         h.finish() >> 1
     }
 
-    /// `"; rank 1 (pid 123) is gone"` for the ranks on this machine whose process no longer exists.
-    fn lost(&self) -> String {
-        let gone: Vec<String> = (self.list.iter().enumerate())
+    /// The ranks on this machine whose process no longer exists, as `rank R (pid P)`.
+    fn gone_now(&self) -> Vec<String> {
+        (self.list.iter().enumerate())
             .filter(|(_, (pid, host))| *host == self.host && process_gone(*pid))
             .map(|(rank, (pid, _))| format!("rank {rank} (pid {pid})"))
-            .collect();
+            .collect()
+    }
+
+    /// `"; lost rank 1 (pid 123): its process is gone"` for the ranks of [`Self::gone_now`]. A killed
+    /// peer's sockets close while it is still exiting, so this looks again for up to a second before
+    /// naming nobody.
+    fn lost(&self) -> String {
+        let mut gone = self.gone_now();
+        for _ in 0..20 {
+            if !gone.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            gone = self.gone_now();
+        }
         match gone.len() {
             0 => String::new(),
             1 => format!("; lost {}: its process is gone", gone[0]),

@@ -616,40 +616,8 @@ impl LightningDit {
     /// Loads an official-key `model.safetensors` into this model; one error names the file and lists
     /// every missing, unexpected and mis-shaped key (and non-float tensors).
     pub fn load_weights(&mut self, path: &Path) -> Result<()> {
-        let file = read_safetensors_map(path)?;
-        let want = self.state_dict();
-        let missing: Vec<String> = want.keys().filter(|k| !file.contains_key(*k)).cloned().collect();
-        let mut unexpected: Vec<String> = file.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
-        unexpected.sort();
-        let misshaped: Vec<String> = want
-            .iter()
-            .filter_map(|(k, t)| {
-                let f = file.get(k)?;
-                (f.size() != t.size()).then(|| format!("{k} (file {:?}, config {:?})", f.size(), t.size()))
-            })
-            .collect();
-        let mut bad_kind: Vec<String> = file
-            .iter()
-            .filter(|(_, t)| !matches!(t.kind(), Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double))
-            .map(|(k, t)| format!("{k} ({:?})", t.kind()))
-            .collect();
-        bad_kind.sort();
-        let groups =
-            [("missing", &missing), ("unexpected", &unexpected), ("mis-shaped", &misshaped), ("non-float", &bad_kind)];
-        let parts: Vec<String> = groups
-            .iter()
-            .filter(|(_, names)| !names.is_empty())
-            .map(|(what, names)| format!("{} {what}: {}", names.len(), crate::io::name_list(names)))
-            .collect();
-        if !parts.is_empty() {
-            bail!("'{}' does not match its LightningDiT config: {}", path.display(), parts.join("; "));
-        }
-        tch::no_grad(|| {
-            for (name, mut dst) in want {
-                dst.copy_(&file[&name]);
-            }
-        });
-        Ok(())
+        let file: BTreeMap<String, Tensor> = read_safetensors_map(path)?.into_iter().collect();
+        crate::io::load_matching(self.state_dict(), &file, path, "its LightningDiT config")
     }
 
     /// Writes every tensor of [`Self::state_dict`] (stored dtype) with `{"format": "pt"}`.

@@ -2,7 +2,7 @@
 //! every parameter F32, the two RoPE `periods` buffers BF16, header metadata `{"format": "pt"}`.
 use super::VtpModel;
 use crate::io::{read_safetensors, write_safetensors};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -19,36 +19,7 @@ fn expected(model: &VtpModel) -> BTreeMap<String, Tensor> {
 /// Loads `path` into `model`; one error lists every missing, unexpected and mis-shaped key.
 pub fn load(model: &mut VtpModel, path: &Path) -> Result<()> {
     let file: BTreeMap<String, Tensor> = read_safetensors(path)?.into_iter().collect();
-    let want = expected(model);
-    let missing: Vec<String> = want.keys().filter(|k| !file.contains_key(*k)).cloned().collect();
-    let unexpected: Vec<String> = file.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
-    let misshaped: Vec<String> = want
-        .iter()
-        .filter_map(|(k, t)| {
-            let f = file.get(k)?;
-            (f.size() != t.size()).then(|| format!("{k} (file {:?}, config {:?})", f.size(), t.size()))
-        })
-        .collect();
-    if !missing.is_empty() || !unexpected.is_empty() || !misshaped.is_empty() {
-        let mut parts = Vec::new();
-        for (what, names) in [("missing", &missing), ("unexpected", &unexpected), ("mis-shaped", &misshaped)] {
-            if !names.is_empty() {
-                parts.push(format!("{} {what}: {}", names.len(), crate::io::name_list(names)));
-            }
-        }
-        bail!("'{}' does not match its config.json: {}", path.display(), parts.join("; "));
-    }
-    for (name, t) in &file {
-        if !matches!(t.kind(), Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double) {
-            bail!("'{}': tensor '{name}' has non-float dtype {:?}", path.display(), t.kind());
-        }
-    }
-    tch::no_grad(|| {
-        for (name, mut dst) in want {
-            dst.copy_(&file[&name]);
-        }
-    });
-    Ok(())
+    crate::io::load_matching(expected(model), &file, path, "its config.json")
 }
 
 /// Writes every parameter (F32) and the RoPE periods (BF16), sorted by name, with `{"format": "pt"}`.

@@ -92,8 +92,9 @@ impl DataParallel {
         Ok(t.narrow(0, start, len))
     }
 
-    /// Runs `f` over the tensors in buckets of at most `bucket_bytes` (each flattened into one
-    /// contiguous tensor), starting every bucket's collective before waiting for the first.
+    /// Runs a collective over the tensors in buckets of at most `bucket_bytes`: each bucket is
+    /// flattened into one contiguous tensor and handed to `start`; once every bucket has started, each
+    /// is awaited, mapped by `finish` (e.g. divided by the world size) and copied back into its tensors.
     fn bucketed(
         &self,
         tensors: &[Tensor],

@@ -1,6 +1,6 @@
-//! Builds the c10d shim (`src/dist/shim.cpp`, libtorch's distributed process groups for `vtp`'s data
-//! parallelism) against the headers of the libtorch tch links (the pinned PyPI `torch` wheel in `.venv`,
-//! or `$LIBTORCH`), and links `vtp` with an rpath to that libtorch, so the binary runs from a fresh
+//! Builds the C++ shims (`src/dist/shim.cpp`, libtorch's distributed process groups for `vtp`'s data
+//! parallelism; `src/train/precision.cpp`, its autocast regions) against the headers of the libtorch
+//! tch links (the pinned PyPI `torch` wheel in `.venv`, or `$LIBTORCH`), and links `vtp` with an rpath to that libtorch, so the binary runs from a fresh
 //! shell with no environment variables.
 use std::path::PathBuf;
 use std::process::Command;
@@ -31,13 +31,14 @@ fn libtorch() -> Option<Libtorch> {
     Some(Libtorch { root, cxx11_abi: lines.next()?.trim() == "1" })
 }
 
-/// Compiles the shim with the flags the notes give: C++20, the wheel's ABI, `USE_C10D_GLOO` (the Gloo
-/// headers come from Debian's `libgloo-dev`).
+/// Compiles the shims (c10d, autocast) with the flags the notes give: C++20, the wheel's ABI,
+/// `USE_C10D_GLOO` (the Gloo headers come from Debian's `libgloo-dev`).
 fn build_shim(torch: &Libtorch) {
     let include = torch.root.join("include");
     cc::Build::new()
         .cpp(true)
         .file("src/dist/shim.cpp")
+        .file("src/train/precision.cpp")
         .std("c++20")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
@@ -45,7 +46,7 @@ fn build_shim(torch: &Libtorch) {
         .define("USE_DISTRIBUTED", None)
         .define("USE_C10D_GLOO", None)
         .flag("-w")
-        .compile("vtp_dist");
+        .compile("vtp_shim");
     let lib = torch.root.join("lib");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
@@ -58,6 +59,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/dist/shim.cpp");
+    println!("cargo:rerun-if-changed=src/train/precision.cpp");
     match libtorch() {
         Some(torch) => build_shim(&torch),
         None => panic!("no libtorch found: run `bash scripts/setup.sh` (a venv with torch) or set LIBTORCH"),

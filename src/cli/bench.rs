@@ -10,17 +10,19 @@ use crate::data::Sample;
 use crate::dist::DataParallel;
 use crate::dit::model::{DitConfig, LightningDit};
 use crate::dit::sampler::{self, SamplerConfig};
-use crate::dit::train::{dit_optimizer, flow_step};
+use crate::dit::train::{dit_optimizer, flow_step, FlowRecipe};
 use crate::dit::transport::TimeSampling;
 use crate::train::batch::{BatchBuilder, PretrainBatch};
-use crate::train::config::PretrainConfig;
+use crate::train::config::{BatchConfig, PretrainConfig};
 use crate::train::objectives::recon::ReconLoss;
-use crate::train::pretrain::Pretrainer;
+use crate::train::precision::Precision;
+use crate::train::pretrain::{local_batch, Pretrainer};
 use crate::train::schedule::Schedules;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -82,6 +84,9 @@ pub struct BenchArgs {
     /// `dit-sample`: Euler steps (DiT calls) per sample.
     #[arg(long, default_value_t = 50)]
     steps: i64,
+    /// Training modes: forward passes in f32 or bf16 autocast (`train.precision`).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
     /// Training modes: `key=value` overrides of the pre-training config, applied last (e.g. `batch.ssl=4`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -140,6 +145,7 @@ fn train_config(a: &BenchArgs) -> Result<PretrainConfig> {
         ],
     };
     overrides.push(format!("data.recon_size={s}"));
+    overrides.push(format!("train.precision={}", a.precision.name()));
     for o in ["loss.lpips=false", "loss.clip_drop_path=0.0", "loss.ssl_drop_path=0.0", "loss.rec_drop_path=0.0"] {
         overrides.push(o.into());
     }
@@ -147,25 +153,30 @@ fn train_config(a: &BenchArgs) -> Result<PretrainConfig> {
     PretrainConfig::load(&a.model.preset, None, &overrides)
 }
 
-/// One batch of `config` built from synthetic samples large enough for every crop.
-fn synthetic_batch(config: &PretrainConfig, seed: u64) -> Result<PretrainBatch> {
+/// This rank's share (`sizes`) of one batch of `config`, built from synthetic samples large enough
+/// for every crop (each rank its own samples).
+fn synthetic_batch(config: &PretrainConfig, sizes: &BatchConfig, seed: u64, rank: usize) -> Result<PretrainBatch> {
     let d = &config.data;
     let res = [d.clip_size, d.global_size, d.recon_size].into_iter().max().unwrap_or(d.recon_size);
     let spec = format!("synthetic:train?n={}&res={res}", config.batch.clip);
     let samples: Vec<Sample> = source::open(&spec, &StreamOptions::default())?.collect::<Result<_>>()?;
+    let mine = &samples[rank * sizes.clip..(rank + 1) * sizes.clip];
     let c = config;
     let builder =
-        BatchBuilder::new(&c.data, &c.batch, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
-    Ok(builder.build(&samples, &mut ChaCha8Rng::seed_from_u64(seed)))
+        BatchBuilder::new(&c.data, sizes, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
+    Ok(builder.build(mine, &mut ChaCha8Rng::seed_from_u64(seed + rank as u64)))
 }
 
-/// `--mode pretrain-step` / `recon-step`: times `Pretrainer::step` (with gradients) on one batch.
+/// `--mode pretrain-step` / `recon-step`: times `Pretrainer::step` (with gradients) on one batch;
+/// under `vtp launch` / torchrun every rank steps on its share of the global batch (data parallel)
+/// and rank 0 prints the line.
 fn bench_train_step(a: &BenchArgs, device: Device) -> Result<()> {
     let config = train_config(a)?;
-    let seed = a.model.seed as u64;
-    let batch = synthetic_batch(&config, seed)?.to_device(device);
+    let dp = Arc::new(DataParallel::join(&config.dist)?);
+    let sizes = local_batch(&config.batch, &dp)?;
+    let batch = synthetic_batch(&config, &sizes, a.model.seed as u64, dp.rank())?.to_device(device);
     let schedules = Schedules::new(&config.schedule, config.train.steps)?;
-    let mut trainer = Pretrainer::new(config.clone(), ReconLoss::new(None), device, DataParallel::single().into())?;
+    let mut trainer = Pretrainer::new(config.clone(), ReconLoss::new(None), device, dp.clone())?;
     let mut rss = serde_json::Map::new();
     let times = timed(a, device, |i| {
         let (_, _, skipped) = tch::with_grad(|| trainer.step(&batch, &schedules.at(i as u64), false))?;
@@ -184,11 +195,14 @@ fn bench_train_step(a: &BenchArgs, device: Device) -> Result<()> {
         "batch": c.batch.clip, "batch_ssl": c.batch.ssl, "batch_recon": c.batch.recon, "clip_size": c.data.clip_size,
         "global_size": c.data.global_size, "local_size": c.data.local_size, "n_local_crops": c.data.n_local_crops,
         "recon_size": c.data.recon_size, "dino_out_dim": c.dino_head.out_dim, "threads": tch::get_num_threads(),
-        "device": format!("{device:?}"), "img_per_s": images as f64 / median, "s_per_iter": median,
-        "s_per_iter_min": times[0], "iters": a.iters, "warmup": a.warmup, "peak_rss_mib": proc_status_mib("VmHWM"),
+        "device": format!("{device:?}"), "precision": c.train.precision, "img_per_s": images as f64 / median,
+        "s_per_iter": median, "s_per_iter_min": times[0], "iters": a.iters, "warmup": a.warmup, "peak_rss_mib": proc_status_mib("VmHWM"),
+        "world": dp.world(),
     });
     line.as_object_mut().expect("a JSON object").extend(rss);
-    println!("{line}");
+    if dp.is_main() {
+        println!("{line}");
+    }
     Ok(())
 }
 
@@ -204,10 +218,16 @@ fn bench_dit(a: &BenchArgs, device: Device) -> Result<()> {
     let sampler = SamplerConfig { steps: a.steps + 1, shift: 0.0, ..SamplerConfig::default() };
     let times = timed(a, device, |i| {
         if a.mode == BenchMode::DitTrainStep {
-            let time = TimeSampling::OFFICIAL;
             let single = DataParallel::single();
-            let hyper = (2e-4, 0.0, 0.0);
-            let r = tch::with_grad(|| flow_step(&model, &mut optim, &x1, &y, &time, true, hyper, false, &single))?;
+            let recipe = FlowRecipe {
+                time: TimeSampling::OFFICIAL,
+                cosine_loss: true,
+                precision: a.precision,
+                lr: 2e-4,
+                weight_decay: 0.0,
+                clip_grad: 0.0,
+            };
+            let r = tch::with_grad(|| flow_step(&model, &mut optim, (&x1, &y), &recipe, false, &single))?;
             if r.skipped {
                 bail!("step {i} had a non-finite loss or gradient");
             }
@@ -221,7 +241,8 @@ fn bench_dit(a: &BenchArgs, device: Device) -> Result<()> {
     let line = serde_json::json!({
         "impl": "vtp-rs", "preset": a.model.preset, "mode": a.mode.name(), "batch": a.batch,
         "steps": if a.mode == BenchMode::DitSample { Some(a.steps) } else { None },
-        "threads": tch::get_num_threads(), "device": format!("{device:?}"), "it_per_s": 1.0 / median,
+        "threads": tch::get_num_threads(), "device": format!("{device:?}"), "precision": a.precision,
+        "it_per_s": 1.0 / median,
         "img_per_s": a.batch as f64 / median, "s_per_iter": median, "s_per_iter_min": times[0],
         "iters": a.iters, "warmup": a.warmup, "params": model.num_parameters(), "peak_rss_mib": proc_status_mib("VmHWM"),
     });

@@ -303,7 +303,8 @@ fn linear_init(p: nn::Path, inp: i64, out: i64, ws_init: nn::Init) -> nn::Linear
     nn::linear(p, inp, out, nn::LinearConfig { ws_init, bs_init: Some(nn::Init::Const(0.0)), bias: true })
 }
 
-/// The token norm of spec §8.4: RMSNorm (eps 1e-6, weight) or LayerNorm without affine (eps 1e-6).
+/// The token norm of spec §8.4: RMSNorm (eps 1e-6, weight) or LayerNorm without affine (eps 1e-6),
+/// both computed in f32.
 #[derive(Debug)]
 enum TokenNorm {
     Rms(Norm),
@@ -324,7 +325,7 @@ impl TokenNorm {
             Self::Rms(n) => n.forward(x),
             Self::Plain => {
                 let d = x.size()[x.dim() - 1];
-                x.layer_norm([d], None::<Tensor>, None::<Tensor>, NORM_EPS, true)
+                x.to_kind(Kind::Float).layer_norm([d], None::<Tensor>, None::<Tensor>, NORM_EPS, true)
             }
         }
     }

@@ -15,6 +15,7 @@ use crate::train::checkpoint::restore_into;
 use crate::train::ema::ema_update;
 use crate::train::online::save_grid;
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, ParamSpec};
+use crate::train::precision::{f32, Precision};
 use crate::train::pretrain::step_seed;
 use crate::train::run::{RunOptions, StepReport, Trainer};
 use anyhow::{bail, Context, Result};
@@ -195,6 +196,7 @@ impl DitRun {
             checkpoint_every: c.checkpoint.every,
             keep: c.checkpoint.keep,
             max_bad_steps: c.train.max_bad_steps,
+            tf32: c.train.tf32,
             stop_after: None,
         }
     }
@@ -237,32 +239,41 @@ pub struct FlowStep {
     pub skipped: bool,
 }
 
+/// The recipe of one flow-matching step ([`flow_step`]): the time distribution, the loss, the
+/// forward precision and the optimiser's learning rate, weight decay and clipping (0 = off).
+#[derive(Clone, Copy, Debug)]
+pub struct FlowRecipe {
+    pub time: TimeSampling,
+    pub cosine_loss: bool,
+    pub precision: Precision,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub clip_grad: f64,
+}
+
 /// One flow-matching optimisation step of `model` on the global batch of normalised latents `x1`
-/// with labels `y`: times from `time`, noise `x0 ~ N(0, I)` and label dropout drawn for the whole
-/// batch (torch's generator, in that order), this rank's rows of all four (`dp`), the loss
-/// `mean(cos) + mean(mse)`, backward, gradients averaged over the ranks, gradient-norm clipping at
-/// `clip_grad` (0 = off), AdamW at `lr` with weight decay `wd`. Any number of ranks thus takes the
-/// step one process takes on the same batch. A non-finite loss (or `inject_nan`) or gradient norm
-/// skips the update on every rank.
-#[allow(clippy::too_many_arguments)]
+/// with labels `y`: times from `recipe.time`, noise `x0 ~ N(0, I)` and label dropout drawn for the
+/// whole batch (torch's generator, in that order), this rank's rows of all four (`dp`), the velocity
+/// predicted in `recipe.precision` and the loss `mean(cos) + mean(mse)` in f32, backward, gradients
+/// averaged over the ranks, gradient-norm clipping, AdamW. Any number of ranks thus takes the step
+/// one process takes on the same batch. A non-finite loss (or `inject_nan`) or gradient norm skips
+/// the update on every rank.
 pub fn flow_step(
     model: &LightningDit,
     optim: &mut AdamW,
-    x1: &Tensor,
-    y: &Tensor,
-    time: &TimeSampling,
-    cosine_loss: bool,
-    (lr, wd, clip_grad): (f64, f64, f64),
+    (x1, y): (&Tensor, &Tensor),
+    recipe: &FlowRecipe,
     inject_nan: bool,
     dp: &DataParallel,
 ) -> Result<FlowStep> {
-    let t = transport::sample_t(x1.size()[0], time, x1.device());
+    let t = transport::sample_t(x1.size()[0], &recipe.time, x1.device());
     let x0 = x1.randn_like();
     let y = model.drop_labels(y);
     let (x1, x0, t, y) = (dp.shard(x1)?, dp.shard(&x0)?, dp.shard(&t)?, dp.shard(&y)?);
     optim.zero_grad();
-    let velocity = |xt: &Tensor, t: &Tensor| model.forward(xt, t, &y, false);
-    let mut loss = transport::training_loss(velocity, &x1, &x0, &t, cosine_loss);
+    let (xt, ut) = transport::interpolate(&x0, &x1, &t);
+    let pred = recipe.precision.autocast(xt.device(), || model.forward(&xt, &t, &y, false))?;
+    let mut loss = transport::loss(&f32(&pred), &ut, recipe.cosine_loss);
     if inject_nan {
         loss.total = &loss.total * f64::NAN;
     }
@@ -273,13 +284,14 @@ pub fn flow_step(
         loss.total.backward();
         let params: Vec<Tensor> = optim.params().iter().map(|p| p.tensor.shallow_clone()).collect();
         dp.average_gradients(&params)?;
-        grad_norm = clip_grad_norm(&params, if clip_grad > 0.0 { clip_grad } else { f64::INFINITY });
+        let max_norm = if recipe.clip_grad > 0.0 { recipe.clip_grad } else { f64::INFINITY };
+        grad_norm = clip_grad_norm(&params, max_norm);
     }
     let skipped = !grad_norm.is_finite();
     if skipped {
         optim.zero_grad();
     } else {
-        optim.step(lr, wd, lr);
+        optim.step(recipe.lr, recipe.weight_decay, recipe.lr);
     }
     Ok(FlowStep { total, mse, cos, grad_norm, skipped })
 }
@@ -305,9 +317,15 @@ impl Trainer for DitRun {
         let (x1, y) = self.cache.batch(&indices, &flip);
         let (c, o) = (&self.config, &self.config.optim);
         let inject_nan = c.debug.nan_at_steps.contains(&step);
-        let hyper = (o.lr, o.weight_decay, o.clip_grad);
-        let cosine = c.transport.cosine_loss;
-        let r = flow_step(&self.model, &mut self.optim, &x1, &y, &self.time, cosine, hyper, inject_nan, &self.dp)?;
+        let recipe = FlowRecipe {
+            time: self.time,
+            cosine_loss: c.transport.cosine_loss,
+            precision: c.train.precision,
+            lr: o.lr,
+            weight_decay: o.weight_decay,
+            clip_grad: o.clip_grad,
+        };
+        let r = flow_step(&self.model, &mut self.optim, (&x1, &y), &recipe, inject_nan, &self.dp)?;
         if !r.skipped {
             let live: HashMap<String, Tensor> = self.model.named_parameters().into_iter().collect();
             let pairs = self.ema.named_parameters().into_iter().map(|(k, e)| (e, &live[&k]));

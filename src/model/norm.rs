@@ -7,7 +7,8 @@ use tch::{nn, Kind, Tensor};
 pub enum Norm {
     /// `(x·rsqrt(mean(x²)+eps)).to(x.dtype) · weight`, normalisation computed in f32.
     Rms { weight: Tensor, eps: f64 },
-    /// `F.layer_norm(x, [D], weight, bias, eps)`.
+    /// `F.layer_norm(x, [D], weight, bias, eps)`, computed and returned in f32 (a bf16 input under
+    /// autocast is widened first, as OpenCLIP's `LayerNormFp32`).
     Layer { weight: Tensor, bias: Tensor, eps: f64 },
 }
 
@@ -41,7 +42,7 @@ impl Norm {
             }
             Self::Layer { weight, bias, eps } => {
                 let dim = weight.size()[0];
-                x.layer_norm([dim], Some(weight), Some(bias), *eps, true)
+                x.to_kind(Kind::Float).layer_norm([dim], Some(weight), Some(bias), *eps, true)
             }
         }
     }

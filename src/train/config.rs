@@ -6,6 +6,7 @@
 //! says so (spec §4.5: VTP's own optimiser values are not published).
 use super::objectives::dino::TeacherCentering;
 use super::optim::AdamWConfig;
+use super::precision::Precision;
 use super::schedule::ScheduleConfig;
 use crate::config::VtpConfig;
 use anyhow::{bail, Context, Result};
@@ -114,6 +115,19 @@ pub struct TrainConfig {
     pub seed: u64,
     pub deterministic: bool,
     pub max_bad_steps: u64,
+    /// The arithmetic of the forward passes (f32, or bf16 autocast with f32 master weights).
+    #[serde(default)]
+    pub precision: Precision,
+    /// TF32 tensor cores for the f32 matmuls and convolutions on CUDA.
+    #[serde(default)]
+    pub tf32: bool,
+}
+
+impl TrainConfig {
+    /// `steps` steps from seed 0 in f32 without TF32.
+    pub fn new(steps: u64, deterministic: bool, max_bad_steps: u64) -> Self {
+        Self { steps, seed: 0, deterministic, max_bad_steps, precision: Precision::F32, tf32: false }
+    }
 }
 
 /// `[eval]`: the online evaluation and reconstruction grid.
@@ -209,7 +223,7 @@ impl PretrainConfig {
         Self {
             preset: "tiny".into(),
             objectives: Objectives::All,
-            train: TrainConfig { steps, seed: 0, deterministic: true, max_bad_steps: 5 },
+            train: TrainConfig::new(steps, true, 5),
             data: DataConfig {
                 source: "synthetic:train?res=64".into(),
                 eval_source: "synthetic:heldout?n=256&res=64".into(),
@@ -261,7 +275,7 @@ impl PretrainConfig {
             preset: name.into(),
             objectives: Objectives::All,
             // 1.1B samples at a 16k CLIP batch (spec §4.5, §4.8).
-            train: TrainConfig { steps: 67_000, seed: 0, deterministic: false, max_bad_steps: 20 },
+            train: TrainConfig::new(67_000, false, 20),
             data: DataConfig {
                 source: "synthetic:train".into(),
                 eval_source: "synthetic:heldout?n=1000".into(),
@@ -521,6 +535,8 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("train.seed", "seed of every random draw (data order, augmentations, masks, subsets, drop-path, init)"),
     ("train.deterministic", "deterministic mode: resume reproduces an uninterrupted run bit for bit"),
     ("train.max_bad_steps", "stop after this many consecutive steps with a non-finite loss or gradient"),
+    ("train.precision", "forward passes in \"f32\" or \"bf16\" (autocast: bf16 matmuls; f32 weights, norms, losses, optimiser)"),
+    ("train.tf32", "let CUDA f32 matmuls and convolutions use TF32 tensor cores (no effect on the CPU)"),
     ("data.source", "training data SPEC: synthetic[:split][?n=&res=&seed=], shards {a..b}.tar, or a folder (README: Data)"),
     ("data.eval_source", "held-out data SPEC of the online evaluation (zero-shot top-1, PSNR)"),
     ("data.workers", "data reader threads"),

@@ -23,6 +23,7 @@ use super::feed::{DataFeed, RankPositions};
 use super::objectives::recon::ReconLoss;
 use super::online::{online_evaluation, ReconGrid};
 use super::optim::{clip_grad_norm, dinov2_param_specs, AdamW, AdamWConfig};
+use super::precision::f32;
 use super::pretrain::step_seed;
 use super::run::{RunOptions, StepReport, Trainer};
 use super::schedule::CosineScheduler;
@@ -137,7 +138,7 @@ impl FinetuneConfig {
         Self {
             preset: "tiny".into(),
             model: String::new(),
-            train: TrainConfig { steps: 300, seed: 0, deterministic: true, max_bad_steps: 5 },
+            train: TrainConfig::new(300, true, 5),
             data: FinetuneDataConfig {
                 source: "synthetic:train?res=64".into(),
                 eval_source: "synthetic:heldout?n=64&res=64".into(),
@@ -163,7 +164,7 @@ impl FinetuneConfig {
         Self {
             preset: "default".into(),
             model: String::new(),
-            train: TrainConfig { steps: 50_000, seed: 0, deterministic: false, max_bad_steps: 20 },
+            train: TrainConfig::new(50_000, false, 20),
             data: FinetuneDataConfig {
                 source: "synthetic:train".into(),
                 eval_source: "synthetic:heldout?n=1000".into(),
@@ -446,7 +447,7 @@ impl FinetuneRun {
         if !adversarial {
             return Ok(GeneratorLosses { total: rec, terms });
         }
-        let g = generator_loss(&self.disc.forward(recon));
+        let g = generator_loss(&self.discriminate(recon)?);
         let w = adaptive_weight(&rec, &g, &self.last_layer, l.disc_weight);
         let total = &rec + &w * &g;
         terms.push(("g", g));
@@ -454,11 +455,20 @@ impl FinetuneRun {
         Ok(GeneratorLosses { total, terms })
     }
 
+    /// Runs a forward pass in the run's precision (`train.precision`).
+    fn amp<T>(&self, forward: impl FnOnce() -> T) -> Result<T> {
+        self.config.train.precision.autocast(self.model.device(), forward)
+    }
+
+    /// The discriminator's logits of `images`, in f32.
+    fn discriminate(&self, images: &Tensor) -> Result<Tensor> {
+        Ok(f32(&self.amp(|| self.disc.forward(images))?))
+    }
+
     /// The discriminator's hinge loss on real `images` and detached `fake`s, and its mean logits.
-    fn disc_losses(&self, images: &Tensor, fake: &Tensor) -> (Tensor, Tensor, Tensor) {
-        let real = self.disc.forward(images);
-        let fake = self.disc.forward(fake);
-        (hinge_d_loss(&real, &fake), real.mean(Kind::Float), fake.mean(Kind::Float))
+    fn disc_losses(&self, images: &Tensor, fake: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (real, fake) = (self.discriminate(images)?, self.discriminate(fake)?);
+        Ok((hinge_d_loss(&real, &fake), real.mean(Kind::Float), fake.mean(Kind::Float)))
     }
 
     /// Whether the scalar loss `t` is finite on every rank (so that all ranks skip together).
@@ -473,8 +483,10 @@ impl FinetuneRun {
         let adversarial = step >= self.config.loss.disc_start;
         let max_norm = self.config.optim.max_norm();
         self.decoder_optim.zero_grad();
-        let latents = tch::no_grad(|| self.model.get_reconstruction_latents(images))?;
-        let recon = self.model.get_latents_decoded_images(&latents)?;
+        let recon = f32(&self.amp(|| {
+            let latents = tch::no_grad(|| self.model.get_reconstruction_latents(images))?;
+            self.model.get_latents_decoded_images(&latents)
+        })??);
         let mut generator = self.generator_losses(images, &recon, adversarial)?;
         if inject_nan {
             generator.total = &generator.total * f64::NAN;
@@ -487,7 +499,7 @@ impl FinetuneRun {
         }
         // The generator's backward also reached the discriminator: those gradients are dropped.
         self.disc_optim.zero_grad();
-        let disc = adversarial.then(|| self.disc_losses(images, &recon.detach()));
+        let disc = adversarial.then(|| self.disc_losses(images, &recon.detach())).transpose()?;
         let mut disc_grad_norm = 0.0;
         if let Some((d_loss, _, _)) = &disc {
             disc_grad_norm = f64::NAN;

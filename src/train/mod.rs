@@ -14,6 +14,7 @@ pub mod objectives;
 pub mod online;
 pub mod optim;
 pub mod plots;
+pub mod precision;
 pub mod pretrain;
 pub mod run;
 pub mod schedule;

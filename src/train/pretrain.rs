@@ -16,6 +16,7 @@ use super::objectives::koleo::koleo_per_crop;
 use super::objectives::recon::ReconLoss;
 use super::online::{online_evaluation, ReconGrid};
 use super::optim::{clip_grad_norm, dinov2_param_specs, AdamW};
+use super::precision::f32;
 use super::run::{RunOptions, StepReport, Trainer};
 use super::schedule::{ScheduleValues, Schedules};
 use super::teacher::Teacher;
@@ -100,23 +101,32 @@ impl Pretrainer {
         student(&self.model, &self.head_vs)
     }
 
-    /// The CLIP image embedding of the trunk features (`vision_clip_feat`, `visual_proj`), normalised.
-    fn clip_image_feature(&self, f: &Features) -> Result<Tensor> {
+    /// Runs a forward pass of the student or teacher in the run's precision (`train.precision`).
+    fn amp<T>(&self, forward: impl FnOnce() -> T) -> Result<T> {
+        self.config.train.precision.autocast(self.model.device(), forward)
+    }
+
+    /// The CLIP image embedding of the trunk features (`vision_clip_feat`, `visual_proj`).
+    fn clip_image_embedding(&self, f: &Features) -> Result<Tensor> {
         let feat = match self.model.config.vision_clip_feat {
             ClipFeat::Cls => f.cls.shallow_clone(),
             ClipFeat::Pooled => f.patches.mean_dim(1, false, None::<Kind>),
         };
         let proj = self.model.visual_proj.as_ref().context("CLIP needs model.train_clip = true")?;
-        Ok(l2_normalize(&proj.forward(&feat)))
+        Ok(proj.forward(&feat))
     }
 
     /// `L_clip`: InfoNCE (or SigLIP when the model has a logit bias) over the whole batch (spec §4.6):
     /// over several processes, this rank's pairs against every rank's features gathered with gradients.
+    /// The towers run in the run's precision, the normalised features and the loss in f32.
     fn clip_loss(&self, images: &Tensor, tokens: &Tensor) -> Result<Tensor> {
         let wide = !self.model.config.vision_bottleneck_ae_only;
-        let f = self.model.trunk.forward_train(images, None, self.config.loss.clip_drop_path, wide);
-        let image_features = self.clip_image_feature(&f)?;
-        let text_features = self.model.get_clip_text_feature(tokens, true)?;
+        let (image_embedding, text_embedding) = self.amp(|| -> Result<_> {
+            let f = self.model.trunk.forward_train(images, None, self.config.loss.clip_drop_path, wide);
+            Ok((self.clip_image_embedding(&f)?, self.model.get_clip_text_feature(tokens, false)?))
+        })??;
+        let image_features = l2_normalize(&f32(&image_embedding));
+        let text_features = l2_normalize(&f32(&text_embedding));
         let log_scale = self.model.logit_scale.as_ref().context("the model has no logit_scale")?;
         // One gather of both feature sets: a single collective in the backward pass, so no two
         // ranks can pair their all-reduces differently.
@@ -143,12 +153,13 @@ impl Pretrainer {
         let loss = self.config.loss.clone();
         let idx = &ssl.masks.mask_indices_list;
         let (dino_targets, ibot_targets) = tch::no_grad(|| {
-            let t = self.teacher.trunk.forward_train(&ssl.global, None, 0.0, wide);
-            let chunks = t.cls.chunk(N_GLOBAL_CROPS, 0);
-            let cls = Tensor::cat(&[&chunks[1], &chunks[0]], 0);
-            let patches = t.patches.flatten(0, 1).index_select(0, idx);
-            let n_cls = cls.size()[0];
-            let logits = self.teacher.head.forward(&Tensor::cat(&[cls, patches], 0));
+            let (logits, n_cls) = self.amp(|| {
+                let t = self.teacher.trunk.forward_train(&ssl.global, None, 0.0, wide);
+                let chunks = t.cls.chunk(N_GLOBAL_CROPS, 0);
+                let cls = Tensor::cat(&[&chunks[1], &chunks[0]], 0);
+                let patches = t.patches.flatten(0, 1).index_select(0, idx);
+                (f32(&self.teacher.head.forward(&Tensor::cat(&[&cls, &patches], 0))), cls.size()[0])
+            })?;
             let (cls_logits, patch_logits) = (logits.narrow(0, 0, n_cls), logits.narrow(0, n_cls, idx.size()[0]));
             let dp = &*self.dp;
             Ok::<_, anyhow::Error>((
@@ -157,17 +168,15 @@ impl Pretrainer {
             ))
         })?;
         let trunk = &self.model.trunk;
-        let g = trunk.forward_train(&ssl.global, Some(&ssl.masks.masks), loss.ssl_drop_path, wide);
-        let l = trunk.forward_train(&ssl.local, None, loss.ssl_drop_path, wide);
+        let (global_cls, local_cls, student_patches, g_cls) = self.amp(|| {
+            let g = trunk.forward_train(&ssl.global, Some(&ssl.masks.masks), loss.ssl_drop_path, wide);
+            let l = trunk.forward_train(&ssl.local, None, loss.ssl_drop_path, wide);
+            let (global_cls, local_cls) = (self.head.forward(&g.cls), self.head.forward(&l.cls));
+            let patches = self.head.forward(&g.patches.flatten(0, 1).index_select(0, idx));
+            (f32(&global_cls), f32(&local_cls), f32(&patches), f32(&g.cls))
+        })?;
         let n_local = self.config.data.n_local_crops as i64;
-        let dino = self.dino.dino_crops_loss(
-            &self.head.forward(&g.cls),
-            &self.head.forward(&l.cls),
-            &dino_targets,
-            N_GLOBAL_CROPS,
-            n_local,
-        );
-        let student_patches = self.head.forward(&g.patches.flatten(0, 1).index_select(0, idx));
+        let dino = self.dino.dino_crops_loss(&global_cls, &local_cls, &dino_targets, N_GLOBAL_CROPS, n_local);
         let ibot = self.ibot.ibot_patch_loss(
             &student_patches,
             &ibot_targets,
@@ -175,7 +184,7 @@ impl Pretrainer {
             &ssl.masks.masks_weight,
             N_GLOBAL_CROPS,
         );
-        Ok(vec![("dino", dino.total()), ("ibot", ibot), ("koleo", koleo_per_crop(&g.cls, N_GLOBAL_CROPS))])
+        Ok(vec![("dino", dino.total()), ("ibot", ibot), ("koleo", koleo_per_crop(&g_cls, N_GLOBAL_CROPS))])
     }
 
     /// The loss of one batch and its terms (scalars, differentiable).
@@ -198,8 +207,10 @@ impl Pretrainer {
             terms.extend(ssl_terms);
             terms.push(("ssl", ssl_total));
         }
-        let f = self.model.trunk.forward_train(&batch.recon, None, l.rec_drop_path, true);
-        let reconstruction = self.model.get_latents_decoded_images(&tokens_to_map(&f.patches, f.grid))?;
+        let reconstruction = f32(&self.amp(|| {
+            let f = self.model.trunk.forward_train(&batch.recon, None, l.rec_drop_path, true);
+            self.model.get_latents_decoded_images(&tokens_to_map(&f.patches, f.grid))
+        })??);
         let rec = self.recon.forward(&batch.recon, &reconstruction)?;
         total += &rec.total * l.lambda_rec;
         terms.push(("rec_l1", rec.l1));
@@ -322,13 +333,7 @@ impl PretrainRun {
     pub fn new(config: PretrainConfig, recon: ReconLoss, device: Device, dp: Arc<DataParallel>) -> Result<Self> {
         let feed = DataFeed::open(&config.data.source, stream_options(&config, &dp), None)?;
         let c = &config;
-        let b = &c.batch;
-        let local = |n: usize, key: &str| dp.local_rows(n as i64).map(|r| r.1 as usize).context(key.to_string());
-        let sizes = BatchConfig {
-            clip: local(b.clip, "batch.clip")?,
-            ssl: local(b.ssl, "batch.ssl")?,
-            recon: local(b.recon, "batch.recon")?,
-        };
+        let sizes = local_batch(&c.batch, &dp)?;
         let builder =
             BatchBuilder::new(&c.data, &sizes, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
         let schedules = Schedules::new(&c.schedule, c.train.steps)?;
@@ -365,6 +370,16 @@ impl PretrainRun {
         }
         Ok(out)
     }
+}
+
+/// This rank's share of the global batch sizes `b` (each divided by the world size).
+pub fn local_batch(b: &BatchConfig, dp: &DataParallel) -> Result<BatchConfig> {
+    let local = |n: usize, key: &str| dp.local_rows(n as i64).map(|r| r.1 as usize).context(key.to_string());
+    Ok(BatchConfig {
+        clip: local(b.clip, "batch.clip")?,
+        ssl: local(b.ssl, "batch.ssl")?,
+        recon: local(b.recon, "batch.recon")?,
+    })
 }
 
 /// The stream options of the training source for rank `dp.rank()` of `dp.world()`.

@@ -8,6 +8,7 @@ use super::checkpoint;
 use super::config::{CheckpointConfig, EvalConfig, LogConfig, TrainConfig};
 use super::metrics::MetricsLog;
 use super::plots::plot_metrics;
+use super::precision::set_tf32;
 use crate::dist::DataParallel;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -61,6 +62,8 @@ pub struct RunOptions {
     pub checkpoint_every: u64,
     pub keep: usize,
     pub max_bad_steps: u64,
+    /// TF32 tensor cores for CUDA f32 matmuls (`train.tf32`).
+    pub tf32: bool,
     /// Stop (with a checkpoint) after this many steps of this invocation, e.g. to fit a job slot.
     pub stop_after: Option<u64>,
 }
@@ -76,6 +79,7 @@ impl RunOptions {
             checkpoint_every: checkpoint.every,
             keep: checkpoint.keep,
             max_bad_steps: train.max_bad_steps,
+            tf32: train.tf32,
             stop_after: None,
         }
     }
@@ -184,6 +188,7 @@ pub fn run(
     on_ready: impl FnOnce() -> Result<()>,
 ) -> Result<RunSummary> {
     let main = dp.is_main();
+    set_tf32(opts.tf32)?;
     let start = if resume { restore_latest(trainer, run_dir, main)? } else { 0 };
     let mut metrics = match main {
         true => {

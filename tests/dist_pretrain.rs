@@ -12,7 +12,9 @@
 //! after it each rank's adaptive GAN weight is its own, as taming-transformers under DDP).
 //!
 //! The ranks are this test binary started twice with the launcher variables, running the ignored
-//! `rank_worker` test.
+//! `rank_worker` test. Every test runs on AVX2-pinned kernels (`common::ran_pinned`), so that the
+//! f32 comparison does not depend on the CPU's vector width; the key third of `qkv.bias` (zero true
+//! gradient) is left out.
 mod common;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -103,6 +105,9 @@ fn finetune_images() -> Tensor {
 
 #[test]
 fn two_ranks_take_the_one_process_stage_2_step() {
+    if common::ran_pinned("two_ranks_take_the_one_process_stage_2_step") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let model_dir = common::init_tiny_model(dir.path(), 1);
     let [rank0, rank1] = spawn_ranks(dir.path(), &[("VTP_TEST_MODEL", model_dir.display().to_string())]);
@@ -168,6 +173,17 @@ fn spawn_ranks(dir: &Path, envs: &[(&str, String)]) -> [HashMap<String, Tensor>;
     [load(0), load(1)]
 }
 
+/// `t` without the key third of an attention's packed `qkv.bias` / `in_proj_bias` (and of its moments). Softmax is shift
+/// invariant, so the key bias has a zero true gradient: its f32 gradient is rounding noise, which
+/// AdamW's first step turns into full ±lr steps of no meaning.
+fn without_key_bias(name: &str, t: &Tensor) -> Tensor {
+    if !(name.contains("attn.qkv.bias") || name.contains("attn.in_proj_bias")) || t.dim() != 1 {
+        return t.shallow_clone();
+    }
+    let d = t.size()[0] / 3;
+    Tensor::cat(&[t.narrow(0, 0, d), t.narrow(0, 2 * d, d)], 0)
+}
+
 /// Relative L2 error of `a` against `b` (absolute where `b` is 0).
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
     let (a, b) = (a.to_kind(tch::Kind::Double), b.to_kind(tch::Kind::Double));
@@ -212,7 +228,8 @@ fn compare(
         if k == "ibot.center" {
             continue;
         }
-        let (err, floor) = (rel(&rank0[k], want), rel(&reordered[k], want));
+        let [got, want, reordered] = [&rank0[k], want, &reordered[k]].map(|t| without_key_bias(k, t));
+        let (err, floor) = (rel(&got, &want), rel(&reordered, &want));
         if err > 1e-5 {
             assert!(err <= 10.0 * floor, "'{k}' differs by {err:e} (one process, batch reordered: {floor:e})");
             floored.push(format!("{k} {err:.1e} (floor {floor:.1e})"));
@@ -226,18 +243,27 @@ fn compare(
 
 #[test]
 fn two_ranks_take_the_one_process_step_with_ssl_and_centring() {
+    if common::ran_pinned("two_ranks_take_the_one_process_step_with_ssl_and_centring") {
+        return;
+    }
     // DINO and iBOT with centring, reconstruction: every tensor within 1e-5.
     assert_eq!(two_ranks_take_the_one_process_step("centering", "ssl+ae"), 0);
 }
 
 #[test]
 fn two_ranks_take_the_one_process_step_with_ssl_and_sinkhorn_knopp() {
+    if common::ran_pinned("two_ranks_take_the_one_process_step_with_ssl_and_sinkhorn_knopp") {
+        return;
+    }
     // The attention key biases (zero true gradient) may sit at the floor.
     two_ranks_take_the_one_process_step("sinkhorn_knopp", "ssl+ae");
 }
 
 #[test]
 fn two_ranks_take_the_one_process_step_with_gathered_clip() {
+    if common::ran_pinned("two_ranks_take_the_one_process_step_with_gathered_clip") {
+        return;
+    }
     // The attention key biases have a zero true gradient (softmax is shift-invariant): AdamW turns
     // their rounding noise into full steps, at the floor.
     two_ranks_take_the_one_process_step("centering", "clip+ae");
@@ -245,5 +271,8 @@ fn two_ranks_take_the_one_process_step_with_gathered_clip() {
 
 #[test]
 fn two_ranks_take_the_one_process_step_with_all_objectives() {
+    if common::ran_pinned("two_ranks_take_the_one_process_step_with_all_objectives") {
+        return;
+    }
     two_ranks_take_the_one_process_step("centering", "all");
 }

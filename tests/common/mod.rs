@@ -216,3 +216,23 @@ pub const PRETRAIN_STEP_SMALL: &[&str] = &[
     "dino_head.hidden_dim=32",
     "dino_head.bottleneck_dim=16",
 ];
+
+/// Runs this binary's test `name` again in a child pinned to AVX2 kernels ([`vtp::kernels::AVX2_PIN`],
+/// read by libtorch at start) unless this process already is, and asserts that it passed there. True
+/// when it ran in the child: the caller then returns. A test whose f32 results must not depend on the
+/// CPU's vector width (e.g. the data-parallel steps, compared against one process) calls this first.
+pub fn ran_pinned(name: &str) -> bool {
+    if vtp::kernels::is_pinned() {
+        return false;
+    }
+    assert!(vtp::kernels::cpu_has_avx2(), "AVX2 pinning needs an AVX2 CPU");
+    let o = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads", "1"])
+        .envs(vtp::kernels::AVX2_PIN)
+        .output()
+        .expect("the test binary re-runs");
+    let out = String::from_utf8_lossy(&o.stdout);
+    println!("{out}{}", stderr(&o));
+    assert!(o.status.success() && out.contains("1 passed"), "{name} failed on AVX2-pinned kernels");
+    true
+}

@@ -27,12 +27,22 @@ Modes:
                 `teacher.*`, `optim.*.{exp_avg,exp_avg_sq,step}`, `dino.center`, `ibot.center`.
   --bench       timing (scripts/bench_train.sh): random weights and batch at the given preset and sizes,
                 median seconds per step, peak RSS; one JSON line in `vtp bench`'s format.
+                `--precision bf16` runs every forward pass (student, teacher) under
+                `torch.autocast("cpu", dtype=torch.bfloat16)` and the losses in f32 (outputs `.float()`).
+                Data parallel under `torchrun --nproc-per-node W ... --bench` (WORLD_SIZE > 1): Gloo,
+                `--batch*` are the global sizes, each rank steps on its own random share (seed + 1 + rank)
+                with the student (model + DINO head) in `DistributedDataParallel`; the losses are global
+                as OpenCLIP / DINOv2 compute them under DDP: CLIP `ClipLoss(local_loss=True,
+                gather_with_grad=True)`, DINO / iBOT centre updates and Sinkhorn-Knopp sums all-reduced
+                (DINOv2 `update_center`, `sinkhorn_knopp_teacher`), KoLeo per rank. Rank 0 prints the line
+                (`world`, `img_per_s` = global CLIP batch / rank 0's median step time).
 """
-import argparse, json, math, os, resource, statistics, sys, time
+import argparse, contextlib, json, math, os, resource, statistics, sys, time, warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.distributed as dist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 N_GLOBAL = 2
@@ -120,6 +130,25 @@ def sinkhorn_knopp(t, temp, n_samples, n_iterations=3):
     return q.t()
 
 
+def sinkhorn_knopp_dist(t, temp, n_samples, n_iterations=3):
+    """DINOv2 `sinkhorn_knopp_teacher` under DDP: the total and row sums all-reduced, `n_samples` the
+    global count of columns."""
+    q = torch.exp(t.float() / temp).t()
+    k = q.shape[0]
+    sum_q = torch.sum(q)
+    dist.all_reduce(sum_q)
+    q /= sum_q
+    for _ in range(n_iterations):
+        sum_of_rows = torch.sum(q, dim=1, keepdim=True)
+        dist.all_reduce(sum_of_rows)
+        q /= sum_of_rows
+        q /= k
+        q /= torch.sum(q, dim=0, keepdim=True)
+        q /= n_samples
+    q *= n_samples
+    return q.t()
+
+
 def dino_forward(student_chunks, teacher_chunks, student_temp):
     """DINOv2 `DINOLoss.forward`."""
     total = 0
@@ -142,10 +171,14 @@ def koleo(x):
 
 
 class State:
-    """Everything one step reads and updates: student (model + head), teacher, centres, optimiser."""
+    """Everything one step reads and updates: student (model + head), teacher, centres, optimiser.
+    `world` > 1: this is rank `rank` of a data-parallel job (the collectives of the global losses);
+    `loss_fn` is what `step` calls for (total, terms): `losses`, or the DDP-wrapped `Student`."""
 
-    def __init__(self, pv, cfg, model, head, teacher):
+    def __init__(self, pv, cfg, model, head, teacher, world=1, rank=0, bf16=False):
         self.pv, self.cfg, self.model, self.head, self.teacher = pv, cfg, model, head, teacher
+        self.world, self.rank, self.bf16 = world, rank, bf16
+        self.loss_fn = self.losses
         k = cfg["dino_head"]["out_dim"]
         self.dino_center, self.ibot_center = torch.zeros(1, k), torch.zeros(1, 1, k)
         self.named = sorted(student_parameters(model, head).items())
@@ -157,56 +190,93 @@ class State:
     def wide(self):
         return not self.cfg["model"]["vision_bottleneck_ae_only"]
 
+    def fwd(self):
+        """The context of a forward pass: bf16 autocast with `--precision bf16`, else nothing (the
+        outputs are `.float()`-ed before the losses, a no-op in f32)."""
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
     def clip_loss(self, images, tokens):
         m = self.model
-        cls, patches, _ = trunk_forward(self.pv, m.trunk, images, None, self.wide())
-        feat = cls if m.c["vision_clip_feat"] == "cls" else patches.mean(1)
-        image_features = F.normalize(m.visual_proj(feat), dim=-1)
-        text_features = m.get_clip_text_feature(tokens, normalize=True)
+        with self.fwd():
+            cls, patches, _ = trunk_forward(self.pv, m.trunk, images, None, self.wide())
+            feat = cls if m.c["vision_clip_feat"] == "cls" else patches.mean(1)
+            image_out = m.visual_proj(feat)
+        image_features = F.normalize(image_out.float(), dim=-1)
+        with self.fwd():
+            text_out = m.get_clip_text_feature(tokens, normalize=False)
+        text_features = F.normalize(text_out.float(), dim=-1)
         s = m.logit_scale.exp()
-        logits_per_image = s * image_features @ text_features.T
-        logits_per_text = s * text_features @ image_features.T
-        labels = torch.arange(logits_per_image.shape[0])
+        if self.world > 1:
+            # OpenCLIP `ClipLoss(local_loss=True, gather_with_grad=True)`: this rank's rows against
+            # every rank's features, gathered with gradients.
+            all_image = torch.cat(torch.distributed.nn.functional.all_gather(image_features), dim=0)
+            all_text = torch.cat(torch.distributed.nn.functional.all_gather(text_features), dim=0)
+            logits_per_image = s * image_features @ all_text.T
+            logits_per_text = s * text_features @ all_image.T
+            labels = torch.arange(logits_per_image.shape[0]) + self.rank * logits_per_image.shape[0]
+        else:
+            logits_per_image = s * image_features @ text_features.T
+            logits_per_text = s * text_features @ image_features.T
+            labels = torch.arange(logits_per_image.shape[0])
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
     def ssl_losses(self, b, teacher_temp):
         l, idx, masks = self.cfg["loss"], b["mask_indices_list"], b["masks"]
         with torch.no_grad():
-            t_cls, t_patches, _ = trunk_forward(self.pv, self.teacher.trunk, b["global"], None, self.wide())
-            chunks = t_cls.chunk(N_GLOBAL)
-            cls = torch.cat([chunks[1], chunks[0]])
-            patches = t_patches.flatten(0, 1).index_select(0, idx)
-            logits = self.teacher.dino_head(torch.cat([cls, patches]))
+            with self.fwd():
+                t_cls, t_patches, _ = trunk_forward(self.pv, self.teacher.trunk, b["global"], None, self.wide())
+                chunks = t_cls.chunk(N_GLOBAL)
+                cls = torch.cat([chunks[1], chunks[0]])
+                patches = t_patches.flatten(0, 1).index_select(0, idx)
+                logits = self.teacher.dino_head(torch.cat([cls, patches]))
+            logits = logits.float()
             cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0]:]
             dino_targets, ibot_targets = self.teacher_targets(cls_logits, patch_logits, teacher_temp)
         trunk = self.model.trunk
-        g_cls, g_patches, _ = trunk_forward(self.pv, trunk, b["global"], masks, self.wide())
-        l_cls, _, _ = trunk_forward(self.pv, trunk, b["local"], None, self.wide())
+        with self.fwd():
+            g_cls, g_patches, _ = trunk_forward(self.pv, trunk, b["global"], masks, self.wide())
+            l_cls, _, _ = trunk_forward(self.pv, trunk, b["local"], None, self.wide())
         n_local = self.cfg["data"]["n_local_crops"]
         n_terms = (N_GLOBAL - 1) * N_GLOBAL + n_local * N_GLOBAL
-        s_global, s_local = self.head(g_cls), self.head(l_cls)
+        with self.fwd():
+            s_global, s_local = self.head(g_cls), self.head(l_cls)
+        s_global, s_local = s_global.float(), s_local.float()
         local = dino_forward(s_local.chunk(n_local), dino_targets.chunk(N_GLOBAL), l["student_temp"]) / n_terms
         glob = dino_forward([s_global], [dino_targets], l["student_temp"]) * LOSS_SCALES / n_terms
-        s_patches = self.head(g_patches.flatten(0, 1).index_select(0, idx))
-        lsm = F.log_softmax(s_patches / l["student_temp"], dim=-1)
+        with self.fwd():
+            s_patches = self.head(g_patches.flatten(0, 1).index_select(0, idx))
+        lsm = F.log_softmax(s_patches.float() / l["student_temp"], dim=-1)
         ibot = -(torch.sum(ibot_targets * lsm, dim=-1) * b["masks_weight"]).sum() / masks.shape[0]
         ibot = ibot * LOSS_SCALES * (1.0 / N_GLOBAL)
-        k = sum(koleo(c) for c in g_cls.chunk(N_GLOBAL))
+        k = sum(koleo(c.float()) for c in g_cls.chunk(N_GLOBAL))
         return [("dino", local + glob), ("ibot", ibot), ("koleo", k)]
 
     def teacher_targets(self, cls_logits, patch_logits, teacher_temp):
         """DINO and iBOT targets: centred with the centres from before the step, which are then updated
-        (DINOv2 `centering`), or Sinkhorn-Knopp with B = rows / masked patches (`sinkhorn_knopp`)."""
+        (DINOv2 `centering`), or Sinkhorn-Knopp with B = rows / masked patches (`sinkhorn_knopp`).
+        Data parallel: the centre updates all-reduce the batch sums and divide by count × world
+        (`update_center`), Sinkhorn-Knopp all-reduces its sums and B is the global count."""
         l = self.cfg["loss"]
         if l["centering"] == "sinkhorn_knopp":
+            if self.world > 1:
+                n_patches = torch.tensor(patch_logits.shape[0])
+                dist.all_reduce(n_patches)
+                return (sinkhorn_knopp_dist(cls_logits, teacher_temp, cls_logits.shape[0] * self.world),
+                        sinkhorn_knopp_dist(patch_logits, teacher_temp, n_patches.item()))
             return (sinkhorn_knopp(cls_logits, teacher_temp, cls_logits.shape[0]),
                     sinkhorn_knopp(patch_logits, teacher_temp, patch_logits.shape[0]))
         dino = softmax_centered(cls_logits, self.dino_center, teacher_temp)
-        self.dino_center = center_ema(self.dino_center, cls_logits.sum(0, keepdim=True), cls_logits.shape[0],
+        dino_sum = cls_logits.sum(0, keepdim=True)
+        if self.world > 1:
+            dist.all_reduce(dino_sum)
+        self.dino_center = center_ema(self.dino_center, dino_sum, cls_logits.shape[0] * self.world,
                                       l["center_momentum"])
         h = patch_logits.unsqueeze(0)
         ibot = softmax_centered(h, self.ibot_center, teacher_temp).squeeze(0)
-        self.ibot_center = center_ema(self.ibot_center, h.mean(1).sum(0, keepdim=True), h.shape[0],
+        ibot_sum = h.mean(1).sum(0, keepdim=True)
+        if self.world > 1:
+            dist.all_reduce(ibot_sum)
+        self.ibot_center = center_ema(self.ibot_center, ibot_sum, h.shape[0] * self.world,
                                       l["center_momentum"])
         return dino, ibot
 
@@ -222,10 +292,11 @@ class State:
             ssl = ssl + t * w
         total = total + ssl * l["lambda_ssl"]
         terms += ssl_terms + [("ssl", ssl)]
-        _, patches, grid = trunk_forward(self.pv, m.trunk, b["recon"], None, True)
-        bsz, _, ch = patches.shape
-        reconstruction = m.get_latents_decoded_images(patches.transpose(1, 2).reshape(bsz, ch, *grid))
-        rec = F.l1_loss(reconstruction, b["recon"])
+        with self.fwd():
+            _, patches, grid = trunk_forward(self.pv, m.trunk, b["recon"], None, True)
+            bsz, _, ch = patches.shape
+            reconstruction = m.get_latents_decoded_images(patches.transpose(1, 2).reshape(bsz, ch, *grid))
+        rec = F.l1_loss(reconstruction.float(), b["recon"])
         total = total + rec * l["lambda_rec"]
         terms += [("rec_l1", rec), ("rec", rec)]
         return total, terms
@@ -233,7 +304,7 @@ class State:
     def step(self, b, sv):
         """losses, backward, clipping, AdamW, logit-scale clamp, teacher EMA; returns (terms, grad norm)."""
         self.opt.zero_grad(set_to_none=True)
-        total, terms = self.losses(b, sv)
+        total, terms = self.loss_fn(b, sv)
         total.backward()
         max_norm = self.cfg["optim"]["clip_grad"]
         params = [p for _, p in self.named]
@@ -253,6 +324,20 @@ class State:
         t_params = dict(self.teacher.named_parameters())
         torch._foreach_mul_([t_params[n] for n in names], m)
         torch._foreach_add_([t_params[n] for n in names], [student[n] for n in names], alpha=1 - m)
+
+
+class Student(nn.Module):
+    """The student as one module (model + DINO head) for `DistributedDataParallel`: forward(batch, sv)
+    is `State.losses`, so the step's loss goes through the DDP wrapper (bucketed all-reduce overlapped
+    with the backward)."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.model, self.dino_head = state.model, state.head
+        self.losses = state.losses
+
+    def forward(self, b, sv):
+        return self.losses(b, sv)
 
 
 def student_parameters(model, head):
@@ -368,15 +453,35 @@ def random_batch(cfg, a, g):
 
 
 def bench_config(pv, a):
-    model = pv.make_config(a.preset)
+    """The bench's config: the architecture of `--preset` (pytorch_vtp.py's presets) or, for presets
+    it lacks (`vtp`'s `tiny`), of `--model-json` (VTPConfig keys over its defaults; `vtp pretrain
+    --preset P --print-config`'s [model] table); `--model-json` also overrides a known preset."""
+    over = json.loads(a.model_json) if a.model_json else {}
+    if a.preset not in pv.PRESETS and not over:
+        raise SystemExit(f"--preset {a.preset}: not a pytorch_vtp.py preset ({', '.join(sorted(pv.PRESETS))}); "
+                         "pass its architecture as --model-json")
+    model = pv.make_config(a.preset if a.preset in pv.PRESETS else None, over)
     return dict(model=model, objectives="all", data=dict(n_local_crops=a.n_local_crops),
                 loss=dict(lambda_rec=0.1, lambda_ssl=1.0, lambda_clip=1.0, dino_weight=1.0, ibot_weight=1.0,
-                          koleo_weight=0.1, centering="centering", student_temp=0.1, center_momentum=0.9),
+                          koleo_weight=0.1, centering=a.centering, student_temp=0.1, center_momentum=0.9),
                 dino_head=dict(out_dim=a.out_dim, hidden_dim=a.hidden_dim, bottleneck_dim=a.bottleneck_dim),
                 optim=dict(beta1=0.9, beta2=0.999, eps=1e-8, clip_grad=3.0, layer_decay=0.9, patch_embed_lr_mult=0.2))
 
 
 def bench(pv, a):
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), 0
+    if world > 1:
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        # OpenCLIP's gather_with_grad is `torch.distributed.nn.all_gather`, deprecated in recent torch.
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                                category=FutureWarning)
+    shares = {}
+    for name in ("batch", "batch_ssl", "batch_recon"):
+        if getattr(a, name) % world:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"{flag} {getattr(a, name)} is not divisible by the world size {world}")
+        shares[name] = getattr(a, name) // world
     torch.manual_seed(a.seed)
     cfg = bench_config(pv, a)
     model, head, teacher = build(pv, cfg)
@@ -389,8 +494,14 @@ def bench(pv, a):
         for n, p in student_parameters(model, head).items():
             if n in t_params:
                 t_params[n].copy_(p)
-    state = State(pv, cfg, model, head, teacher)
-    batch = random_batch(cfg, a, torch.Generator().manual_seed(a.seed + 1))
+    state = State(pv, cfg, model, head, teacher, world=world, rank=rank, bf16=a.precision == "bf16")
+    if world > 1:
+        # Every student parameter gets a gradient from the all-objectives loss (checked), so DDP
+        # needs no unused-parameter search. Default 25 MiB buckets; rank 0's weights broadcast here.
+        state.loss_fn = nn.parallel.DistributedDataParallel(Student(state), find_unused_parameters=False)
+    # This rank's share of the global batch (world 1: the whole batch, seed + 1 as before).
+    share = argparse.Namespace(**{**vars(a), **shares})
+    batch = random_batch(cfg, share, torch.Generator().manual_seed(a.seed + 1 + rank))
     sv = dict(lr=1e-4, wd=0.04, momentum=0.992, teacher_temp=0.04, last_layer_lr=1e-4)
     times, rss, t_all = [], {}, time.perf_counter()
     for i in range(a.warmup + a.iters):
@@ -401,10 +512,16 @@ def bench(pv, a):
         if i + 1 in (20, 200):
             rss[f"rss_after_{i + 1}_mib"] = round(rss_mib(), 1)
     med = statistics.median(times)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank != 0:
+        return
     print(json.dumps(dict(
         impl="pytorch-eager", preset=a.preset, mode="pretrain-step", batch=a.batch, batch_ssl=a.batch_ssl,
         batch_recon=a.batch_recon, clip_size=a.clip_size, global_size=a.global_size, local_size=a.local_size,
         n_local_crops=a.n_local_crops, recon_size=a.recon_size, dino_out_dim=a.out_dim, threads=a.threads,
+        precision=a.precision, centering=a.centering, world=world,
         img_per_s=round(a.batch / med, 4), s_per_iter=round(med, 4), s_per_iter_min=round(min(times), 4),
         iters=a.iters, warmup=a.warmup, peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         **rss, wall_s=round(time.perf_counter() - t_all, 2), torch=torch.__version__)))
@@ -418,9 +535,15 @@ def main():
     mode.add_argument("--setup", help="parity: folder with setup.json, init.safetensors, batch.safetensors")
     mode.add_argument("--bench", action="store_true", help="time one all-objectives step on random data")
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--batch", type=int, default=8, help="CLIP pairs per step")
-    ap.add_argument("--batch-ssl", type=int, default=2)
-    ap.add_argument("--batch-recon", type=int, default=1)
+    ap.add_argument("--model-json", help="--bench: the architecture as a JSON object of VTPConfig keys (over --preset "
+                    "when pytorch_vtp.py knows it, else over VTPConfig's defaults)")
+    ap.add_argument("--centering", choices=("centering", "sinkhorn_knopp"), default="centering",
+                    help="--bench: the teachers' targets (DINOv2 cfg.train.centering)")
+    ap.add_argument("--precision", choices=("f32", "bf16"), default="f32",
+                    help="--bench: bf16 = forward passes under CPU bf16 autocast, losses in f32")
+    ap.add_argument("--batch", type=int, default=8, help="CLIP pairs per step (data parallel: global)")
+    ap.add_argument("--batch-ssl", type=int, default=2, help="SSL images per step (data parallel: global)")
+    ap.add_argument("--batch-recon", type=int, default=1, help="reconstruction images per step (data parallel: global)")
     ap.add_argument("--clip-size", type=int, default=256)
     ap.add_argument("--global-size", type=int, default=224)
     ap.add_argument("--local-size", type=int, default=96)

@@ -9,7 +9,7 @@ vtp_test_python_packages
 # dumps"): ATen's dispatch capability, and oneDNN's ISA as its verbose mode reports it on a convolution.
 python - <<'PY'
 import os, subprocess, sys, torch
-pins = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
+pins = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
 code = "import torch; torch.nn.functional.conv2d(torch.randn(1, 16, 64, 64), torch.randn(32, 16, 3, 3))"
 out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ONEDNN_VERBOSE="1"),
                      capture_output=True, text=True).stdout

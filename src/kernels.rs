@@ -9,12 +9,9 @@
 use anyhow::{bail, Context, Result};
 use std::str::FromStr;
 
-/// The environment that pins libtorch to AVX2: oneDNN's ISA cap, ATen's dispatch capability
-/// (`ONEDNN_MAX_CPU_ISA` alone leaves 2.3e-7 differences on AVX-512; both are needed) and MKL's
-/// instruction cap (its sgemm serves libtorch's CPU matmuls: on an AVX-512 CPU the weight gradients of
-/// half a batch sum in another order without it).
-pub const AVX2_PIN: [(&str, &str); 3] =
-    [("ONEDNN_MAX_CPU_ISA", "AVX2"), ("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2")];
+/// The environment that pins libtorch to AVX2: oneDNN's ISA cap and ATen's dispatch capability
+/// (`ONEDNN_MAX_CPU_ISA` alone leaves 2.3e-7 differences on AVX-512; both are needed).
+pub const AVX2_PIN: [(&str, &str); 2] = [("ONEDNN_MAX_CPU_ISA", "AVX2"), ("ATEN_CPU_CAPABILITY", "avx2")];
 
 /// Kernel selection of a `vtp` process (`--kernels`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

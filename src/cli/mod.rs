@@ -32,10 +32,9 @@ pub struct Cli {
     /// CPU threads for libtorch, at least 1 (default: libtorch's choice).
     #[arg(long, global = true, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
-    /// CPU kernels: `native` (libtorch's pick for this CPU) or `avx2` (oneDNN, ATen and MKL capped at
-    /// AVX2 by re-executing with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
-    /// MKL_ENABLE_INSTRUCTIONS=AVX2: bit-identical to an AVX2 machine, e.g. to compare exactly with a
-    /// reference dump made on one; README "Reference dumps").
+    /// CPU kernels: `native` (libtorch's pick for this CPU) or `avx2` (oneDNN and ATen capped at AVX2 by
+    /// re-executing with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2: bit-identical to an AVX2
+    /// machine, e.g. to compare exactly with a reference dump made on one; README "Reference dumps").
     #[arg(long, global = true, default_value = "native")]
     kernels: String,
     #[command(subcommand)]

@@ -217,10 +217,13 @@ pub const PRETRAIN_STEP_SMALL: &[&str] = &[
     "dino_head.bottleneck_dim=16",
 ];
 
-/// Runs this binary's test `name` again in a child pinned to AVX2 kernels ([`vtp::kernels::AVX2_PIN`],
-/// read by libtorch at start) unless this process already is, and asserts that it passed there. True
-/// when it ran in the child: the caller then returns. A test whose f32 results must not depend on the
-/// CPU's vector width (e.g. the data-parallel steps, compared against one process) calls this first.
+/// Runs this binary's test `name` again in a child pinned to AVX2 kernels unless this process already
+/// is, and asserts that it passed there: [`vtp::kernels::AVX2_PIN`] and MKL's instruction cap (MKL's
+/// sgemm serves libtorch's CPU matmuls; on an AVX-512 CPU it sums half a batch's weight gradients in
+/// another order), all read by libtorch at start. True when it ran in the child: the caller then
+/// returns. A test whose f32 results must not depend on the CPU's vector width (the data-parallel
+/// steps, compared against one process) calls this first. (The fixtures need MKL uncapped: `--kernels
+/// avx2` leaves it.)
 pub fn ran_pinned(name: &str) -> bool {
     if vtp::kernels::is_pinned() {
         return false;
@@ -229,6 +232,7 @@ pub fn ran_pinned(name: &str) -> bool {
     let o = std::process::Command::new(std::env::current_exe().unwrap())
         .args([name, "--exact", "--nocapture", "--test-threads", "1"])
         .envs(vtp::kernels::AVX2_PIN)
+        .env("MKL_ENABLE_INSTRUCTIONS", "AVX2")
         .output()
         .expect("the test binary re-runs");
     let out = String::from_utf8_lossy(&o.stdout);

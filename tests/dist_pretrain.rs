@@ -110,11 +110,17 @@ fn two_ranks_take_the_one_process_stage_2_step() {
     }
     let dir = tempfile::tempdir().unwrap();
     let model_dir = common::init_tiny_model(dir.path(), 1);
-    let [rank0, rank1] = spawn_ranks(dir.path(), &[("VTP_TEST_MODEL", model_dir.display().to_string())]);
     let one = finetune_step(&model_dir, &finetune_images(), DataParallel::single());
     let reordered = finetune_step(&model_dir, &finetune_images().flip([0]), DataParallel::single());
-    let n = compare(&rank0, &rank1, &one, &reordered);
-    println!("stage 2: {} tensors, {n} at the floor", one.len());
+    // Gradients averaged after each backward pass, then by DDP's Reducer (one for the decoder, one for
+    // the discriminator) during it.
+    for overlap in [false, true] {
+        let mut envs = vec![("VTP_TEST_MODEL", model_dir.display().to_string())];
+        envs.extend(overlap_env(overlap));
+        let [rank0, rank1] = spawn_ranks(dir.path(), &envs);
+        let n = compare(&rank0, &rank1, &one, &reordered);
+        println!("stage 2 (overlap {overlap}): {} tensors, {n} at the floor", one.len());
+    }
 }
 
 /// The ignored worker: one rank of the job a test starts (pre-training or, with `VTP_TEST_MODEL`, a
@@ -124,8 +130,7 @@ fn two_ranks_take_the_one_process_stage_2_step() {
 fn rank_worker() {
     if let Ok(model) = std::env::var("VTP_TEST_MODEL") {
         let out = std::env::var("VTP_TEST_OUT").unwrap();
-        let dp = DataParallel::join(&DistConfig { join_timeout_s: 60.0, timeout_s: 120.0, ..DistConfig::default() })
-            .unwrap();
+        let dp = DataParallel::join(&worker_dist_config()).unwrap();
         let rank = dp.rank();
         let images = finetune_images().narrow(0, 4 * rank as i64, 4);
         let state: Vec<(String, Tensor)> = finetune_step(Path::new(&model), &images, dp).into_iter().collect();
@@ -137,17 +142,33 @@ fn rank_worker() {
     else {
         return;
     };
-    let dp =
-        DataParallel::join(&DistConfig { join_timeout_s: 60.0, timeout_s: 120.0, ..DistConfig::default() }).unwrap();
+    let dp = DataParallel::join(&worker_dist_config()).unwrap();
     let rank = dp.rank();
     let config = config(&centering, &objectives);
     let state: Vec<(String, Tensor)> = step(&config, &rank_batch(&config, rank), dp, 1).into_iter().collect();
     write_safetensors(&Path::new(&out).join(format!("rank{rank}.safetensors")), &state, &[]).unwrap();
 }
 
+/// The workers' `[dist]`: short timeouts; gradients all-reduced during the backward pass (DDP's
+/// Reducer) when `VTP_TEST_OVERLAP` is set, else after it.
+fn worker_dist_config() -> DistConfig {
+    let overlap = std::env::var_os("VTP_TEST_OVERLAP").is_some();
+    DistConfig { join_timeout_s: 60.0, timeout_s: 120.0, overlap, ..DistConfig::default() }
+}
+
+/// `VTP_TEST_OVERLAP` for the workers when `overlap`.
+fn overlap_env(overlap: bool) -> Vec<(&'static str, String)> {
+    if overlap {
+        vec![("VTP_TEST_OVERLAP", "1".to_string())]
+    } else {
+        vec![]
+    }
+}
+
 /// Runs the two ranks of the pre-training worker; their saved states.
-fn two_ranks(dir: &Path, centering: &str, objectives: &str) -> [HashMap<String, Tensor>; 2] {
-    let envs = [("VTP_TEST_CENTERING", centering.to_string()), ("VTP_TEST_OBJECTIVES", objectives.to_string())];
+fn two_ranks(dir: &Path, centering: &str, objectives: &str, overlap: bool) -> [HashMap<String, Tensor>; 2] {
+    let mut envs = vec![("VTP_TEST_CENTERING", centering.to_string()), ("VTP_TEST_OBJECTIVES", objectives.to_string())];
+    envs.extend(overlap_env(overlap));
     spawn_ranks(dir, &envs)
 }
 
@@ -201,9 +222,9 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
 /// 1e-5 when the same global batch comes in another order (the ranks' halves swapped: the same loss,
 /// another f32 summation order over the samples), within 10× that floor. Returns how many tensors
 /// needed the floor.
-fn two_ranks_take_the_one_process_step(centering: &str, objectives: &str) -> usize {
+fn two_ranks_take_the_one_process_step(centering: &str, objectives: &str, overlap: bool) -> usize {
     let dir = tempfile::tempdir().unwrap();
-    let [rank0, rank1] = two_ranks(dir.path(), centering, objectives);
+    let [rank0, rank1] = two_ranks(dir.path(), centering, objectives, overlap);
     let config = config(centering, objectives);
     let global = PretrainBatch::concat(&[rank_batch(&config, 0), rank_batch(&config, 1)]);
     let one = step(&config, &global, DataParallel::single(), 1);
@@ -247,7 +268,7 @@ fn two_ranks_take_the_one_process_step_with_ssl_and_centring() {
         return;
     }
     // DINO and iBOT with centring, reconstruction: every tensor within 1e-5.
-    assert_eq!(two_ranks_take_the_one_process_step("centering", "ssl+ae"), 0);
+    assert_eq!(two_ranks_take_the_one_process_step("centering", "ssl+ae", false), 0);
 }
 
 #[test]
@@ -256,7 +277,7 @@ fn two_ranks_take_the_one_process_step_with_ssl_and_sinkhorn_knopp() {
         return;
     }
     // The attention key biases (zero true gradient) may sit at the floor.
-    two_ranks_take_the_one_process_step("sinkhorn_knopp", "ssl+ae");
+    two_ranks_take_the_one_process_step("sinkhorn_knopp", "ssl+ae", false);
 }
 
 #[test]
@@ -266,7 +287,7 @@ fn two_ranks_take_the_one_process_step_with_gathered_clip() {
     }
     // The attention key biases have a zero true gradient (softmax is shift-invariant): AdamW turns
     // their rounding noise into full steps, at the floor.
-    two_ranks_take_the_one_process_step("centering", "clip+ae");
+    two_ranks_take_the_one_process_step("centering", "clip+ae", false);
 }
 
 #[test]
@@ -274,5 +295,15 @@ fn two_ranks_take_the_one_process_step_with_all_objectives() {
     if common::ran_pinned("two_ranks_take_the_one_process_step_with_all_objectives") {
         return;
     }
-    two_ranks_take_the_one_process_step("centering", "all");
+    two_ranks_take_the_one_process_step("centering", "all", false);
+}
+
+#[test]
+fn two_ranks_take_the_one_process_step_with_all_objectives_and_overlapped_buckets() {
+    if common::ran_pinned("two_ranks_take_the_one_process_step_with_all_objectives_and_overlapped_buckets") {
+        return;
+    }
+    // DDP's Reducer: the same step, the buckets all-reduced while the backward pass runs (and the
+    // gathered CLIP features' gradient all-reduce issued between them).
+    two_ranks_take_the_one_process_step("centering", "all", true);
 }

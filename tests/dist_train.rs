@@ -66,19 +66,23 @@ fn a_two_process_dit_step_equals_the_one_process_step() {
     let dir = tempfile::tempdir().unwrap();
     let cache = cache(dir.path());
     let steps = ["train.steps=1", "batch.size=64"];
-    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let one = dir.path().join("one");
     assert_success(&dit_train_on(1, &cache, &one, &steps), "1-process dit train");
-    let o = dit_train_on(2, &cache, &two, &steps);
-    assert_success(&o, "2-process dit train");
-    let ((a, sa), (b, sb)) = (newest_checkpoint(&two), newest_checkpoint(&one));
-    assert_eq!((sa, sb), (1, 1));
-    let worst = assert_close(&a, &b, 1e-5, "2 ranks vs 1 process after one step");
-    eprintln!("worst relative error of {} tensors: {worst:e}", a.len());
-    // The logged loss is the global batch's, on rank 0 only (one metrics file, one line per step).
-    let (la, lb) = (series(&two, "loss/total"), series(&one, "loss/total"));
-    assert_eq!(la.len(), 1);
-    for (x, y) in la.iter().zip(&lb) {
-        assert!((x - y).abs() <= 1e-5 * y.abs(), "loss {x} vs {y}");
+    // Gradients all-reduced after the backward pass, then during it (DDP's Reducer).
+    for overlap in ["false", "true"] {
+        let two = dir.path().join(format!("two-overlap-{overlap}"));
+        let o = dit_train_on(2, &cache, &two, &[&steps[..], &[&format!("dist.overlap={overlap}")]].concat());
+        assert_success(&o, "2-process dit train");
+        let ((a, sa), (b, sb)) = (newest_checkpoint(&two), newest_checkpoint(&one));
+        assert_eq!((sa, sb), (1, 1));
+        let worst = assert_close(&a, &b, 1e-5, "2 ranks vs 1 process after one step");
+        eprintln!("overlap {overlap}: worst relative error of {} tensors: {worst:e}", a.len());
+        // The logged loss is the global batch's, on rank 0 only (one metrics file, one line per step).
+        let (la, lb) = (series(&two, "loss/total"), series(&one, "loss/total"));
+        assert_eq!(la.len(), 1);
+        for (x, y) in la.iter().zip(&lb) {
+            assert!((x - y).abs() <= 1e-5 * y.abs(), "loss {x} vs {y}");
+        }
     }
 }
 

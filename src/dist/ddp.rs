@@ -1,10 +1,12 @@
 //! Data parallelism as PyTorch DDP does it, on a c10d [`ProcessGroup`]: parameters broadcast from rank
-//! 0 at the start, gradients averaged over the ranks after each backward pass in buckets of
-//! `bucket_mib` (all started, then awaited), every rank owning an equal slice of the global batch. A
-//! single process is the same type without a group: every operation is then the identity.
-use super::{DistEnv, GroupOptions, ProcessGroup};
+//! 0 at the start, gradients averaged over the ranks in buckets of `bucket_mib`, either while the
+//! backward pass runs (DDP's own `c10d::Reducer`, `overlap`) or after it (all started, then awaited),
+//! every rank owning an equal slice of the global batch. A single process is the same type without a
+//! group: every operation is then the identity.
+use super::{DistEnv, GroupOptions, ProcessGroup, Reducer};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
 use std::time::Duration;
 use tch::{Kind, Tensor};
 
@@ -22,11 +24,15 @@ pub struct DistConfig {
     /// Gradient bucket size in MiB (DDP's `bucket_cap_mb`).
     #[arg(long, default_value_t = 25.0)]
     pub bucket_mib: f64,
+    /// All-reduce each gradient bucket as soon as the backward pass has produced it (DDP's
+    /// `c10d::Reducer`), instead of all of them after the pass.
+    #[arg(long, default_value_t = false)]
+    pub overlap: bool,
 }
 
 impl Default for DistConfig {
     fn default() -> Self {
-        Self { timeout_s: 1800.0, join_timeout_s: 300.0, bucket_mib: 25.0 }
+        Self { timeout_s: 1800.0, join_timeout_s: 300.0, bucket_mib: 25.0, overlap: false }
     }
 }
 
@@ -34,12 +40,15 @@ impl Default for DistConfig {
 pub struct DataParallel {
     group: Option<ProcessGroup>,
     bucket_bytes: usize,
+    overlap: bool,
+    /// The Reducers of `overlap`, one per parameter list (keyed by the parameters' storage).
+    reducers: Mutex<Vec<(Vec<usize>, Reducer)>>,
 }
 
 impl DataParallel {
     /// A job of one process.
     pub fn single() -> Self {
-        Self { group: None, bucket_bytes: usize::MAX }
+        Self { group: None, bucket_bytes: usize::MAX, overlap: false, reducers: Mutex::default() }
     }
 
     /// Joins the job the launcher's environment describes ([`DistEnv`]); a single process without one.
@@ -54,7 +63,12 @@ impl DataParallel {
             timeout: Duration::from_secs_f64(config.timeout_s),
         };
         let group = ProcessGroup::gloo(&opts)?;
-        Ok(Self { group: Some(group), bucket_bytes: (config.bucket_mib * 1024.0 * 1024.0) as usize })
+        Ok(Self {
+            group: Some(group),
+            bucket_bytes: (config.bucket_mib * 1024.0 * 1024.0) as usize,
+            overlap: config.overlap,
+            reducers: Mutex::default(),
+        })
     }
 
     /// The process group (`None` when alone).
@@ -138,9 +152,29 @@ impl DataParallel {
         self.bucketed(tensors, |g, flat| g.broadcast(&[flat.shallow_clone()], 0), |flat| flat.shallow_clone())
     }
 
+    /// `loss.backward()`, after which the gradient of every parameter of `params` that has one is its
+    /// mean over the ranks: all-reduced bucket by bucket during the pass (`overlap`, DDP's Reducer
+    /// for this list of parameters, made on first use) or after it ([`Self::average_gradients`]).
+    pub fn backward(&self, loss: &Tensor, params: &[Tensor]) -> Result<()> {
+        let Some(group) = self.group.as_ref().filter(|_| self.overlap) else {
+            loss.f_backward()?;
+            return self.average_gradients(params);
+        };
+        let key: Vec<usize> = params.iter().map(|p| p.data_ptr() as usize).collect();
+        let mut reducers = self.reducers.lock().map_err(|_| anyhow::anyhow!("a gradient reducer panicked"))?;
+        let index = match reducers.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                reducers.push((key, group.reducer(params, self.bucket_bytes)?));
+                reducers.len() - 1
+            }
+        };
+        reducers[index].1.backward(loss)
+    }
+
     /// Replaces the gradient of every parameter that has one by its mean over the ranks (DDP's
     /// all-reduce; every rank must hold gradients for the same parameters).
-    pub fn average_gradients(&self, params: &[Tensor]) -> Result<()> {
+    fn average_gradients(&self, params: &[Tensor]) -> Result<()> {
         let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
         let w = self.world() as f64;
         self.bucketed(&grads, |g, flat| g.all_reduce_sum(&[flat.shallow_clone()]), |flat| flat / w)

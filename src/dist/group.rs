@@ -19,6 +19,11 @@ struct RawWork {
     _private: [u8; 0],
 }
 
+#[repr(C)]
+struct RawReducer {
+    _private: [u8; 0],
+}
+
 type Tensor_ = c_void;
 
 extern "C" {
@@ -54,6 +59,16 @@ extern "C" {
     fn vtp_dist_all_gather(g: *mut RawGroup, input: *mut Tensor_, out: *mut *mut Tensor_) -> *mut c_char;
     fn vtp_dist_gather_with_grad(g: *mut RawGroup, input: *mut Tensor_, out: *mut *mut Tensor_) -> *mut c_char;
     fn vtp_dist_barrier(g: *mut RawGroup) -> *mut c_char;
+    fn vtp_dist_new_reducer(
+        g: *mut RawGroup,
+        params: *const *mut Tensor_,
+        n: usize,
+        bucket_bytes: i64,
+        out: *mut *mut RawReducer,
+    ) -> *mut c_char;
+    fn vtp_dist_free_reducer(r: *mut RawReducer);
+    fn vtp_dist_prepare_for_backward(r: *mut RawReducer, loss: *mut Tensor_) -> *mut c_char;
+    fn vtp_dist_backward(loss: *mut Tensor_) -> *mut c_char;
 }
 
 /// Turns the shim's error (a malloc'd message or null) into a `Result`, naming `what` failed.
@@ -265,6 +280,47 @@ impl ProcessGroup {
     pub fn barrier(&self) -> Result<()> {
         // SAFETY: a live group.
         self.peers.check(unsafe { vtp_dist_barrier(self.raw) }, "barrier")
+    }
+
+    /// DDP's gradient reducer over `params` (the same list, in the same order, on every rank) with
+    /// buckets of `bucket_bytes`: see [`Reducer`].
+    pub fn reducer(&self, params: &[Tensor], bucket_bytes: usize) -> Result<Reducer> {
+        let ptrs: Vec<*mut Tensor_> = params.iter().map(raw).collect();
+        let mut out = std::ptr::null_mut();
+        // SAFETY: the tensors are live for the call; the Reducer keeps its own references to them.
+        let error = unsafe { vtp_dist_new_reducer(self.raw, ptrs.as_ptr(), ptrs.len(), bucket_bytes as i64, &mut out) };
+        self.peers.check(error, "gradient reducer setup")?;
+        Ok(Reducer { raw: out, peers: self.peers.clone() })
+    }
+}
+
+/// DDP's `c10d::Reducer` over a fixed list of parameters: their gradients are bucketed as DDP buckets
+/// them (reverse parameter order, a first bucket of 1 MiB), each bucket's all-reduce starts as soon as
+/// autograd has produced its gradients, overlapping the rest of the backward pass, and when the pass
+/// ends each gradient is its mean over the ranks. Parameters a step leaves unused are found from the
+/// loss (`find_unused_parameters`) and keep no gradient.
+pub struct Reducer {
+    raw: *mut RawReducer,
+    peers: Arc<Peers>,
+}
+
+// SAFETY: the Reducer guards its state with its own mutex; the handle is only freed on drop.
+unsafe impl Send for Reducer {}
+unsafe impl Sync for Reducer {}
+
+impl Reducer {
+    /// `loss.backward()` with the parameters' gradients averaged over the ranks while it runs.
+    pub fn backward(&self, loss: &Tensor) -> Result<()> {
+        // SAFETY: a live reducer and loss; errors (a lost rank during a bucket's all-reduce) come back.
+        self.peers.check(unsafe { vtp_dist_prepare_for_backward(self.raw, raw(loss)) }, "gradient reducer")?;
+        self.peers.check(unsafe { vtp_dist_backward(raw(loss)) }, "backward with gradient all-reduce")
+    }
+}
+
+impl Drop for Reducer {
+    fn drop(&mut self) {
+        // SAFETY: created by `vtp_dist_new_reducer`, freed once.
+        unsafe { vtp_dist_free_reducer(self.raw) }
     }
 }
 

@@ -4,14 +4,18 @@
 // backend (ProcessGroupGloo on CPU). Collectives run on tch tensors (`at::Tensor*`, tch's `C_tensor`)
 // and return c10d Work handles. `vtp_gather_with_grad` is OpenCLIP's `gather_with_grad` as a
 // torch::autograd::Function: forward all-gathers, backward all-reduces the incoming gradient and
-// returns this rank's slice. Every function returns NULL on success or a malloc'd error message (C++
-// exceptions never cross the boundary); free it with `vtp_dist_free_error`.
+// returns this rank's slice. `vtp_dist_new_reducer` is DDP's c10d::Reducer (gradient buckets
+// all-reduced while the backward pass runs). Every function returns NULL on success or a malloc'd
+// error message (C++ exceptions never cross the boundary); free it with `vtp_dist_free_error`.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +30,8 @@ struct Group {
   c10::intrusive_ptr<c10d::Backend> backend;
   int rank;
   int size;
+  // The backend wrapped as a c10d::ProcessGroup, which the Reducer takes (made on first use).
+  c10::intrusive_ptr<c10d::ProcessGroup> group;
 };
 
 char* error_message(const char* what) {
@@ -153,6 +159,44 @@ char* vtp_dist_gather_with_grad(Group* g, at::Tensor* input, at::Tensor** out) {
 
 char* vtp_dist_barrier(Group* g) {
   return protect([&] { g->backend->barrier()->wait(); });
+}
+
+// DDP's gradient Reducer (c10d::Reducer, the code torch.nn.parallel.DistributedDataParallel runs): the
+// gradients of `params` are bucketed as DDP buckets them (parameters in reverse order, a first bucket of
+// 1 MiB, then `bucket_bytes`), each bucket's all-reduce starts as soon as autograd has produced its
+// gradients, and once the backward pass ends every gradient holds its mean over the ranks. Parameters a
+// step does not use are found from the loss (`find_unused_parameters`) and left without a gradient.
+char* vtp_dist_new_reducer(Group* g, at::Tensor** params, size_t n, int64_t bucket_bytes, c10d::Reducer** out) {
+  return protect([&] {
+    if (!g->group) {
+      g->group = c10::make_intrusive<c10d::ProcessGroup>(g->store, g->rank, g->size);
+      g->group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, g->backend);
+      g->group->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+    }
+    auto list = tensor_list(params, n);
+    const int64_t first_bucket = 1024 * 1024;
+    std::vector<size_t> limits{static_cast<size_t>(first_bucket), static_cast<size_t>(bucket_bytes)};
+    std::vector<bool> sparse(n, false);
+    auto buckets = std::get<0>(c10d::compute_bucket_assignment_by_size(list, limits, sparse));
+    std::reverse(buckets.begin(), buckets.end());
+    *out = new c10d::Reducer(list, buckets, g->group, sparse, bucket_bytes, /*find_unused_parameters=*/true,
+                             /*gradient_as_bucket_view=*/false, {}, first_bucket,
+                             /*skip_all_reduce_unused_params=*/false, /*use_python_reducer=*/false,
+                             {first_bucket, bucket_bytes});
+  });
+}
+
+// Frees `r` (its destructor may throw: caught, as everywhere).
+void vtp_dist_free_reducer(c10d::Reducer* r) { vtp_dist_free_error(protect([&] { delete r; })); }
+
+// Arms `r` for the backward pass of `loss` (DDP's forward does this): call just before it.
+char* vtp_dist_prepare_for_backward(c10d::Reducer* r, at::Tensor* loss) {
+  return protect([&] { r->prepare_for_backward({*loss}); });
+}
+
+// `loss.backward()`, during which `r` all-reduces the gradients (its errors, e.g. a lost rank, included).
+char* vtp_dist_backward(at::Tensor* loss) {
+  return protect([&] { loss->backward(); });
 }
 
 }  // extern "C"

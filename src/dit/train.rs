@@ -281,9 +281,8 @@ pub fn flow_step(
     let [total, mse, cos] = <[f64; 3]>::try_from(dp.mean(&local)?).expect("three values");
     let mut grad_norm = f64::NAN;
     if total.is_finite() {
-        loss.total.backward();
         let params: Vec<Tensor> = optim.params().iter().map(|p| p.tensor.shallow_clone()).collect();
-        dp.average_gradients(&params)?;
+        dp.backward(&loss.total, &params)?;
         let max_norm = if recipe.clip_grad > 0.0 { recipe.clip_grad } else { f64::INFINITY };
         grad_norm = clip_grad_norm(&params, max_norm);
     }

@@ -593,5 +593,6 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("dist.timeout_s", "multi-process runs: seconds a collective may wait for the other ranks before the run fails (rank 0 evaluates meanwhile) [PyTorch: 1800]"),
     ("dist.join_timeout_s", "multi-process runs: seconds to wait for every rank to join at the start"),
     ("dist.bucket_mib", "multi-process runs: gradient all-reduce bucket size in MiB [DDP bucket_cap_mb: 25]"),
+    ("dist.overlap", "multi-process runs: all-reduce each gradient bucket while the backward pass runs (DDP's c10d::Reducer) instead of after it"),
     ("debug.nan_at_steps", "fault injection for tests: make the loss NaN at these 0-based steps"),
 ];

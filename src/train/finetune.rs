@@ -493,8 +493,7 @@ impl FinetuneRun {
         }
         let mut grad_norm = f64::NAN;
         if self.finite_everywhere(&generator.total)? {
-            generator.total.backward();
-            self.dp.average_gradients(&params(&self.decoder_optim))?;
+            self.dp.backward(&generator.total, &params(&self.decoder_optim))?;
             grad_norm = clip_grad_norm(&params(&self.decoder_optim), max_norm);
         }
         // The generator's backward also reached the discriminator: those gradients are dropped.
@@ -504,8 +503,7 @@ impl FinetuneRun {
         if let Some((d_loss, _, _)) = &disc {
             disc_grad_norm = f64::NAN;
             if self.finite_everywhere(d_loss)? {
-                d_loss.backward();
-                self.dp.average_gradients(&params(&self.disc_optim))?;
+                self.dp.backward(d_loss, &params(&self.disc_optim))?;
                 disc_grad_norm = clip_grad_norm(&params(&self.disc_optim), max_norm);
             }
         }

@@ -240,8 +240,7 @@ impl Pretrainer {
         }
         let mut grad_norm = f64::NAN;
         if self.dp.mean(&[losses.total.double_value(&[])])?[0].is_finite() {
-            losses.total.backward();
-            self.dp.average_gradients(&self.parameters())?;
+            self.dp.backward(&losses.total, &self.parameters())?;
             let max_norm = self.config.optim.clip_grad;
             grad_norm = clip_grad_norm(&self.parameters(), if max_norm > 0.0 { max_norm } else { f64::INFINITY });
         }

@@ -3,8 +3,8 @@
 //! the official checkpoint layout both ways with `../shared/bench/pytorch_dit.py` (through
 //! `tests/dit_dump.py`) on this machine's kernels. Relative L2 bound 1e-5 on native kernels (the
 //! fixtures come from an AVX2 CPU; AVX-512 rounds matmuls differently, ~1e-7); the fixture tests are
-//! re-run AVX2-pinned (`vtp::kernels::AVX2_PIN`) where the bound is 0 (bit-identical), and against
-//! PyTorch on the same machine 0 is reached too.
+//! re-run AVX2-pinned (`vtp::kernels::AVX2_PIN`) where the bound is 0 (bit-identical) on a CPU
+//! without AVX-512 ([`fixture_bound`]).
 mod common;
 use common::s;
 use std::collections::HashMap;
@@ -21,12 +21,29 @@ const BOUND: f64 = 1e-5;
 const FIXTURE_TESTS: [&str; 2] =
     ["tiny_fixture_forward_and_cfg_match_the_official_model", "alt_fixture_forward_matches_the_official_model"];
 
-/// The fixture bound: 0 when AVX2-pinned (what the fixtures' CPU computed), else [`BOUND`].
+/// The fixture bound: 0 when AVX2-pinned on a CPU without AVX-512 (what the fixtures' CPU computed),
+/// else [`BOUND`]. On an AVX-512 CPU pinned kernels still differ by ~1e-8: ATen's exp / sin / cos
+/// (the timestep features) call MKL's vector math, whose CPU dispatch no variable maps onto the
+/// fixture machine's (`MKL_ENABLE_INSTRUCTIONS=AVX2` and every `MKL_CBWR` branch tried); there the
+/// fixtures are held to the native bound, beside the same-machine PyTorch comparisons
+/// (`a_*_checkpoint_*` tests).
 fn fixture_bound() -> (f64, &'static str) {
-    if vtp::kernels::is_pinned() {
-        (0.0, "AVX2-pinned kernels")
-    } else {
-        (BOUND, "native kernels")
+    match (vtp::kernels::is_pinned(), cpu_has_avx512()) {
+        (true, false) => (0.0, "AVX2-pinned kernels"),
+        (true, true) => (BOUND, "AVX2-pinned kernels, MKL on AVX-512"),
+        (false, _) => (BOUND, "native kernels"),
+    }
+}
+
+/// Whether this CPU has AVX-512.
+fn cpu_has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -178,7 +195,7 @@ fn fixtures_match_bit_exactly_on_avx2_kernels() {
     let out = String::from_utf8_lossy(&o.stdout);
     println!("{out}{}", common::stderr(&o));
     assert!(o.status.success(), "AVX2-pinned fixture parity failed");
-    assert!(out.contains("2 passed") && out.matches("(AVX2-pinned kernels)").count() == 2, "{out}");
+    assert!(out.contains("2 passed") && out.matches("(AVX2-pinned kernels").count() == 2, "{out}");
 }
 
 #[test]

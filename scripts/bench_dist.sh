@@ -10,7 +10,9 @@
 # --print-config`, the preset's crops, DINO head, teacher centring and architecture. img_per_s is global
 # CLIP images per second (rank 0's median step). Prints every JSON line, then per implementation the img/s
 # of 2×1 and 1×2, the scaling (2×1)/(1×2) and the vtp-rs / PyTorch ratio of each configuration.
-# Usage: scripts/bench_dist.sh; environment: PRESET=tiny SIZE=64 BATCH=64 ITERS=20 WARMUP=3 PRECISION=f32.
+# Usage: scripts/bench_dist.sh; environment: PRESET=tiny SIZE=64 BATCH=64 ITERS=20 WARMUP=3 PRECISION=f32
+# OVERLAP=false (vtp-rs: true all-reduces the gradient buckets during the backward pass, DDP's Reducer, as
+# PyTorch DDP always does).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$VTP_ROOT"
@@ -21,6 +23,7 @@ BATCH="${BATCH:-64}"
 ITERS="${ITERS:-20}"
 WARMUP="${WARMUP:-3}"
 PRECISION="${PRECISION:-f32}"
+OVERLAP="${OVERLAP:-false}"
 BATCH_SSL=$((BATCH / 4 > 2 ? BATCH / 4 : 2))
 BATCH_RECON=$((BATCH / 8 > 1 ? BATCH / 8 : 1))
 VTP=target/release/vtp
@@ -41,7 +44,7 @@ PY
 )
 mapfile -t PRESET_ARGS <<<"$preset_args"
 BENCH=(bench --mode pretrain-step --preset "$PRESET" --size "$SIZE" --batch "$BATCH" --iters "$ITERS" --warmup "$WARMUP"
-  --precision "$PRECISION")
+  --precision "$PRECISION" --set "dist.overlap=$OVERLAP")
 TORCH=(benches/pytorch_pretrain.py --bench --preset "$PRESET" --batch "$BATCH" --batch-ssl "$BATCH_SSL"
   --batch-recon "$BATCH_RECON" --clip-size "$SIZE" --recon-size "$SIZE" "${PRESET_ARGS[@]}" --iters "$ITERS"
   --warmup "$WARMUP" --precision "$PRECISION")
@@ -70,5 +73,5 @@ for name, dp, mt in (("vtp-rs", rd, rm), ("PyTorch", td, tm)):
 for name, r, t in (("2x1", rd, td), ("1x2", rm, tm)):
     print(f"vtp-rs / PyTorch {name}: {r['img_per_s'] / t['img_per_s']:.3f}x")
 print(f"(preset {rd['preset']}, global batch CLIP {rd['batch']} / SSL {rd['batch_ssl']} / reconstruction "
-      f"{rd['batch_recon']}, size {rd['clip_size']}, precision {rd['precision']})")
+      f"{rd['batch_recon']}, size {rd['clip_size']}, precision {rd['precision']}, vtp-rs overlap {rd['overlap']})")
 PY

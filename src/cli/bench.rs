@@ -197,7 +197,7 @@ fn bench_train_step(a: &BenchArgs, device: Device) -> Result<()> {
         "recon_size": c.data.recon_size, "dino_out_dim": c.dino_head.out_dim, "threads": tch::get_num_threads(),
         "device": format!("{device:?}"), "precision": c.train.precision, "img_per_s": images as f64 / median,
         "s_per_iter": median, "s_per_iter_min": times[0], "iters": a.iters, "warmup": a.warmup, "peak_rss_mib": proc_status_mib("VmHWM"),
-        "world": dp.world(),
+        "world": dp.world(), "overlap": c.dist.overlap,
     });
     line.as_object_mut().expect("a JSON object").extend(rss);
     if dp.is_main() {

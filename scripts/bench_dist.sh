@@ -31,18 +31,7 @@ VTP=target/release/vtp
 json_line() { grep '^{' | tail -n 1; }
 
 # The preset's crop sizes, DINO head, teacher centring and architecture, as vtp's bench builds them.
-config_toml=$("$VTP" pretrain --preset "$PRESET" --print-config)
-preset_args=$(VTP_CONFIG_TOML="$config_toml" python - <<'PY'
-import json, os, tomllib
-c = tomllib.loads(os.environ["VTP_CONFIG_TOML"])
-d, h = c["data"], c["dino_head"]
-args = ["--global-size", d["global_size"], "--local-size", d["local_size"], "--n-local-crops", d["n_local_crops"],
-        "--out-dim", h["out_dim"], "--hidden-dim", h["hidden_dim"], "--bottleneck-dim", h["bottleneck_dim"],
-        "--centering", c["loss"]["centering"], "--model-json", json.dumps(c["model"], separators=(",", ":"))]
-print("\n".join(str(a) for a in args))
-PY
-)
-mapfile -t PRESET_ARGS <<<"$preset_args"
+mapfile -t PRESET_ARGS < <("$VTP" pretrain --preset "$PRESET" --print-config | python benches/preset_args.py)
 BENCH=(bench --mode pretrain-step --preset "$PRESET" --size "$SIZE" --batch "$BATCH" --iters "$ITERS" --warmup "$WARMUP"
   --precision "$PRECISION" --set "dist.overlap=$OVERLAP")
 TORCH=(benches/pytorch_pretrain.py --bench --preset "$PRESET" --batch "$BATCH" --batch-ssl "$BATCH_SSL"

@@ -14,17 +14,7 @@ PRESET="${PRESET:-small}"
 SIZE="${SIZE:-256}"
 BATCH="${BATCH:-8}"
 T=(--iters "${ITERS:-2}" --warmup "${WARMUP:-1}")
-config_toml=$(target/release/vtp pretrain --preset "$PRESET" --print-config)
-mapfile -t SIZES < <(VTP_CONFIG_TOML="$config_toml" python - <<'PY'
-import os, tomllib
-c = tomllib.loads(os.environ["VTP_CONFIG_TOML"])
-d, h = c["data"], c["dino_head"]
-for k, v in (("--global-size", d["global_size"]), ("--local-size", d["local_size"]), ("--n-local-crops", d["n_local_crops"]),
-             ("--out-dim", h["out_dim"]), ("--hidden-dim", h["hidden_dim"]), ("--bottleneck-dim", h["bottleneck_dim"]),
-             ("--centering", c["loss"]["centering"])):
-    print(k); print(v)
-PY
-)
+mapfile -t SIZES < <(target/release/vtp pretrain --preset "$PRESET" --print-config | python benches/preset_args.py)
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 lines=()
 for precision in f32 bf16; do

@@ -112,12 +112,21 @@ fn checkpoints_resume_at_another_world_size() {
 fn a_killed_rank_stops_the_job_and_the_last_checkpoint_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let cache = cache(dir.path());
-    let run = dir.path().join("run");
+    // Killed between the collectives of a step or inside the backward pass's bucket all-reduces.
+    for overlap in ["false", "true"] {
+        kill_a_rank_and_resume(&cache, &dir.path().join(format!("run-overlap-{overlap}")), overlap);
+    }
+}
+
+/// A 2-process DiT run into `run` (`dist.overlap = overlap`) whose rank 1 is killed at step 5: the job
+/// fails naming it within 25 s and its last checkpoint resumes on one process.
+fn kill_a_rank_and_resume(cache: &Path, run: &Path, overlap: &str) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vtp"))
         .args(["launch", "--nproc-per-node", "2", "--grace-s", "30", "--", "--threads", "1"])
-        .args(["dit", "train", "--cache", s(&cache), "--out", s(&run)])
+        .args(["dit", "train", "--cache", s(cache), "--out", s(run)])
         .args(DIT_TINY)
         .args(["train.steps=100000", "checkpoint.every=2", "eval.every=0", "eval.grid_every=0"])
+        .arg(format!("dist.overlap={overlap}"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -141,12 +150,12 @@ fn a_killed_rank_stops_the_job_and_the_last_checkpoint_resumes() {
     let errors: Vec<&str> = rest.lines().filter(|l| l.starts_with("error: ")).collect();
     assert!(errors.iter().any(|l| l.contains(&format!("lost rank 1 (pid {pid})"))), "{rest}");
     assert!(errors.iter().any(|l| l.contains(&format!("rank 1 (pid {pid}) was killed by signal 9"))), "{rest}");
-    let (_, step) = newest_checkpoint(&run);
+    let (_, step) = newest_checkpoint(run);
     assert!(step >= 4, "checkpoint at step {step}");
     // The last checkpoint is intact: one process resumes it and finishes a shortened run.
-    let o = vtp(&["dit", "train", "--out", s(&run), "--resume", &format!("train.steps={}", step + 2)]);
+    let o = vtp(&["dit", "train", "--out", s(run), "--resume", &format!("train.steps={}", step + 2)]);
     assert_success(&o, "resume after the lost rank");
-    assert_eq!(newest_checkpoint(&run).1, step + 2);
+    assert_eq!(newest_checkpoint(run).1, step + 2);
 }
 
 /// A small `vtp pretrain --preset tiny` for a few 2-process steps.

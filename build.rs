@@ -1,7 +1,7 @@
 //! Builds the C++ shims (`src/dist/shim.cpp`, libtorch's distributed process groups for `vtp`'s data
 //! parallelism; `src/train/precision.cpp`, its autocast regions) against the headers of the libtorch
-//! tch links (the pinned PyPI `torch` wheel in `.venv`, or `$LIBTORCH`), and links `vtp` with an rpath to that libtorch, so the binary runs from a fresh
-//! shell with no environment variables.
+//! tch links (the pinned PyPI `torch` wheel in `.venv`, or `$LIBTORCH`), and links `vtp` with an rpath
+//! to that libtorch, so the binary runs from a fresh shell with no environment variables.
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -194,9 +194,9 @@ fn spawn_ranks(dir: &Path, envs: &[(&str, String)]) -> [HashMap<String, Tensor>;
     [load(0), load(1)]
 }
 
-/// `t` without the key third of an attention's packed `qkv.bias` / `in_proj_bias` (and of its moments). Softmax is shift
-/// invariant, so the key bias has a zero true gradient: its f32 gradient is rounding noise, which
-/// AdamW's first step turns into full ±lr steps of no meaning.
+/// `t` without the key third of an attention's packed `qkv.bias` / `in_proj_bias` (and of its
+/// moments). Softmax is shift invariant, so the key bias has a zero true gradient: its f32 gradient is
+/// rounding noise, which AdamW's first step turns into full ±lr steps of no meaning.
 fn without_key_bias(name: &str, t: &Tensor) -> Tensor {
     if !(name.contains("attn.qkv.bias") || name.contains("attn.in_proj_bias")) || t.dim() != 1 {
         return t.shallow_clone();

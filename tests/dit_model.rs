@@ -184,18 +184,9 @@ fn alt_fixture_forward_matches_the_official_model() {
 
 #[test]
 fn fixtures_match_bit_exactly_on_avx2_kernels() {
-    assert!(vtp::kernels::cpu_has_avx2(), "AVX2 pinning needs an AVX2 CPU");
     // libtorch reads the pinning variables at start: re-run the fixture tests in a pinned child.
-    let o = Command::new(std::env::current_exe().unwrap())
-        .args(FIXTURE_TESTS)
-        .args(["--exact", "--nocapture", "--test-threads", "1"])
-        .envs(vtp::kernels::AVX2_PIN)
-        .output()
-        .expect("the test binary re-runs");
-    let out = String::from_utf8_lossy(&o.stdout);
-    println!("{out}{}", common::stderr(&o));
-    assert!(o.status.success(), "AVX2-pinned fixture parity failed");
-    assert!(out.contains("2 passed") && out.matches("(AVX2-pinned kernels").count() == 2, "{out}");
+    let out = common::rerun_pinned(&FIXTURE_TESTS, &[]);
+    assert!(out.matches("(AVX2-pinned kernels").count() == 2, "{out}");
 }
 
 #[test]

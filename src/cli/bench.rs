@@ -196,8 +196,8 @@ fn bench_train_step(a: &BenchArgs, device: Device) -> Result<()> {
         "global_size": c.data.global_size, "local_size": c.data.local_size, "n_local_crops": c.data.n_local_crops,
         "recon_size": c.data.recon_size, "dino_out_dim": c.dino_head.out_dim, "threads": tch::get_num_threads(),
         "device": format!("{device:?}"), "precision": c.train.precision, "img_per_s": images as f64 / median,
-        "s_per_iter": median, "s_per_iter_min": times[0], "iters": a.iters, "warmup": a.warmup, "peak_rss_mib": proc_status_mib("VmHWM"),
-        "world": dp.world(), "overlap": c.dist.overlap,
+        "s_per_iter": median, "s_per_iter_min": times[0], "iters": a.iters, "warmup": a.warmup,
+        "peak_rss_mib": proc_status_mib("VmHWM"), "world": dp.world(), "overlap": c.dist.overlap,
     });
     line.as_object_mut().expect("a JSON object").extend(rss);
     if dp.is_main() {
@@ -242,8 +242,7 @@ fn bench_dit(a: &BenchArgs, device: Device) -> Result<()> {
         "impl": "vtp-rs", "preset": a.model.preset, "mode": a.mode.name(), "batch": a.batch,
         "steps": if a.mode == BenchMode::DitSample { Some(a.steps) } else { None },
         "threads": tch::get_num_threads(), "device": format!("{device:?}"), "precision": a.precision,
-        "it_per_s": 1.0 / median,
-        "img_per_s": a.batch as f64 / median, "s_per_iter": median, "s_per_iter_min": times[0],
+        "it_per_s": 1.0 / median, "img_per_s": a.batch as f64 / median, "s_per_iter": median, "s_per_iter_min": times[0],
         "iters": a.iters, "warmup": a.warmup, "params": model.num_parameters(), "peak_rss_mib": proc_status_mib("VmHWM"),
     });
     println!("{line}");

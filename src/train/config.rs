@@ -535,7 +535,7 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("train.seed", "seed of every random draw (data order, augmentations, masks, subsets, drop-path, init)"),
     ("train.deterministic", "deterministic mode: resume reproduces an uninterrupted run bit for bit"),
     ("train.max_bad_steps", "stop after this many consecutive steps with a non-finite loss or gradient"),
-    ("train.precision", "forward passes in \"f32\" or \"bf16\" (autocast: bf16 matmuls; f32 weights, norms, losses, optimiser)"),
+    ("train.precision", "forward passes: \"f32\" or \"bf16\" (autocast; weights, norms, losses, optimiser f32)"),
     ("train.tf32", "let CUDA f32 matmuls and convolutions use TF32 tensor cores (no effect on the CPU)"),
     ("data.source", "training data SPEC: synthetic[:split][?n=&res=&seed=], shards {a..b}.tar, or a folder (README: Data)"),
     ("data.eval_source", "held-out data SPEC of the online evaluation (zero-shot top-1, PSNR)"),
@@ -593,6 +593,6 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("dist.timeout_s", "multi-process runs: seconds a collective may wait for the other ranks before the run fails (rank 0 evaluates meanwhile) [PyTorch: 1800]"),
     ("dist.join_timeout_s", "multi-process runs: seconds to wait for every rank to join at the start"),
     ("dist.bucket_mib", "multi-process runs: gradient all-reduce bucket size in MiB [DDP bucket_cap_mb: 25]"),
-    ("dist.overlap", "multi-process runs: all-reduce each gradient bucket while the backward pass runs (DDP's c10d::Reducer) instead of after it"),
+    ("dist.overlap", "multi-process runs: all-reduce gradient buckets during the backward pass (DDP's Reducer)"),
     ("debug.nan_at_steps", "fault injection for tests: make the loss NaN at these 0-based steps"),
 ];

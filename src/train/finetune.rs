@@ -493,8 +493,9 @@ impl FinetuneRun {
         }
         let mut grad_norm = f64::NAN;
         if self.finite_everywhere(&generator.total)? {
-            self.dp.backward(&generator.total, &params(&self.decoder_optim))?;
-            grad_norm = clip_grad_norm(&params(&self.decoder_optim), max_norm);
+            let decoder_params = params(&self.decoder_optim);
+            self.dp.backward(&generator.total, &decoder_params)?;
+            grad_norm = clip_grad_norm(&decoder_params, max_norm);
         }
         // The generator's backward also reached the discriminator: those gradients are dropped.
         self.disc_optim.zero_grad();
@@ -503,8 +504,9 @@ impl FinetuneRun {
         if let Some((d_loss, _, _)) = &disc {
             disc_grad_norm = f64::NAN;
             if self.finite_everywhere(d_loss)? {
-                self.dp.backward(d_loss, &params(&self.disc_optim))?;
-                disc_grad_norm = clip_grad_norm(&params(&self.disc_optim), max_norm);
+                let disc_params = params(&self.disc_optim);
+                self.dp.backward(d_loss, &disc_params)?;
+                disc_grad_norm = clip_grad_norm(&disc_params, max_norm);
             }
         }
         let skipped = !grad_norm.is_finite() || !disc_grad_norm.is_finite();

@@ -240,9 +240,10 @@ impl Pretrainer {
         }
         let mut grad_norm = f64::NAN;
         if self.dp.mean(&[losses.total.double_value(&[])])?[0].is_finite() {
-            self.dp.backward(&losses.total, &self.parameters())?;
+            let params = self.parameters();
+            self.dp.backward(&losses.total, &params)?;
             let max_norm = self.config.optim.clip_grad;
-            grad_norm = clip_grad_norm(&self.parameters(), if max_norm > 0.0 { max_norm } else { f64::INFINITY });
+            grad_norm = clip_grad_norm(&params, if max_norm > 0.0 { max_norm } else { f64::INFINITY });
         }
         let skipped = !grad_norm.is_finite();
         if skipped {

@@ -217,26 +217,35 @@ pub const PRETRAIN_STEP_SMALL: &[&str] = &[
     "dino_head.bottleneck_dim=16",
 ];
 
-/// Runs this binary's test `name` again in a child pinned to AVX2 kernels unless this process already
-/// is, and asserts that it passed there: [`vtp::kernels::AVX2_PIN`] and MKL's instruction cap (MKL's
-/// sgemm serves libtorch's CPU matmuls; on an AVX-512 CPU it sums half a batch's weight gradients in
-/// another order), all read by libtorch at start. True when it ran in the child: the caller then
-/// returns. A test whose f32 results must not depend on the CPU's vector width (the data-parallel
-/// steps, compared against one process) calls this first. (The fixtures need MKL uncapped: `--kernels
-/// avx2` leaves it.)
-pub fn ran_pinned(name: &str) -> bool {
-    if vtp::kernels::is_pinned() {
-        return false;
-    }
+/// Runs this binary's tests `names` in a child pinned to AVX2 kernels ([`vtp::kernels::AVX2_PIN`] and
+/// `extra`, read by libtorch at start), prints its output and asserts that every one passed; its stdout.
+pub fn rerun_pinned(names: &[&str], extra: &[(&str, &str)]) -> String {
     assert!(vtp::kernels::cpu_has_avx2(), "AVX2 pinning needs an AVX2 CPU");
     let o = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads", "1"])
+        .args(names)
+        .args(["--exact", "--nocapture", "--test-threads", "1"])
         .envs(vtp::kernels::AVX2_PIN)
-        .env("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+        .envs(extra.iter().copied())
         .output()
         .expect("the test binary re-runs");
-    let out = String::from_utf8_lossy(&o.stdout);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
     println!("{out}{}", stderr(&o));
-    assert!(o.status.success() && out.contains("1 passed"), "{name} failed on AVX2-pinned kernels");
+    let passed = format!("{} passed", names.len());
+    assert!(o.status.success() && out.contains(&passed), "{names:?} failed on AVX2-pinned kernels");
+    out
+}
+
+/// Runs this binary's test `name` again in a child pinned to AVX2 kernels ([`rerun_pinned`]) with
+/// MKL's instruction cap too (MKL's sgemm serves libtorch's CPU matmuls; on an AVX-512 CPU it sums half
+/// a batch's weight gradients in another order) unless this process already runs so. True when it
+/// ran in the child: the caller then returns. A test whose f32 results must not depend on the CPU's
+/// vector width (the data-parallel steps, compared against one process) calls this first. (The
+/// fixtures need MKL uncapped: `--kernels avx2` leaves it.)
+pub fn ran_pinned(name: &str) -> bool {
+    const MKL_CAP: (&str, &str) = ("MKL_ENABLE_INSTRUCTIONS", "AVX2");
+    if vtp::kernels::is_pinned() && std::env::var(MKL_CAP.0).is_ok_and(|v| v == MKL_CAP.1) {
+        return false;
+    }
+    rerun_pinned(&[name], &[MKL_CAP]);
     true
 }

@@ -337,7 +337,7 @@ impl Trainer for DitRun {
             ("lr".to_string(), o.lr),
             ("grad_norm".to_string(), r.grad_norm),
         ];
-        Ok(StepReport { scalars, images: b as usize, skipped: r.skipped })
+        Ok(StepReport { scalars, images: b as usize, skipped: r.skipped, warnings: Vec::new() })
     }
 
     /// The EMA model's flow loss on a fixed batch (the first `eval.samples` cached latents, fixed

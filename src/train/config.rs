@@ -78,6 +78,9 @@ pub struct LossConfig {
     pub ibot_weight: f64,
     pub koleo_weight: f64,
     pub lpips: bool,
+    /// Weight of the mean squared error added to `L_rec` (vtp-rs's, not the paper's: 0 in its presets).
+    #[serde(default)]
+    pub l2_weight: f64,
     pub centering: TeacherCentering,
     pub student_temp: f64,
     pub center_momentum: f64,
@@ -137,6 +140,12 @@ pub struct EvalConfig {
     pub every: u64,
     pub samples: usize,
     pub classes: String,
+    /// Training images of the online linear probes (a labelled SPEC; "" = no probes).
+    #[serde(default)]
+    pub probe_source: String,
+    /// How many of them.
+    #[serde(default)]
+    pub probe_samples: usize,
     pub grid_every: u64,
     pub grid_images: usize,
 }
@@ -237,7 +246,12 @@ impl PretrainConfig {
             },
             batch: BatchConfig { clip: 64, ssl: 16, recon: 16 },
             // Sinkhorn-Knopp teachers (DINOv3's choice) learned faster than centring in a short run.
-            loss: LossConfig { ssl_drop_path: 0.0, centering: TeacherCentering::SinkhornKnopp, ..LossConfig::paper() },
+            loss: LossConfig {
+                ssl_drop_path: 0.0,
+                centering: TeacherCentering::SinkhornKnopp,
+                l2_weight: 1.0,
+                ..LossConfig::paper()
+            },
             dino_head: DinoHeadConfig { out_dim: 1024, hidden_dim: 256, bottleneck_dim: 64 },
             optim: OptimConfig { layer_decay: 1.0, ..OptimConfig::dinov2() },
             schedule: ScheduleConfig {
@@ -257,6 +271,8 @@ impl PretrainConfig {
                 every: 200,
                 samples: 256,
                 classes: "synthetic-shape,synthetic-color".into(),
+                probe_source: "synthetic:train?n=1000&res=64".into(),
+                probe_samples: 1000,
                 grid_every: 200,
                 grid_images: 8,
             },
@@ -298,6 +314,8 @@ impl PretrainConfig {
                 every: 2000,
                 samples: 1000,
                 classes: "synthetic-shape".into(),
+                probe_source: "synthetic:train?n=1000".into(),
+                probe_samples: 1000,
                 grid_every: 2000,
                 grid_images: 8,
             },
@@ -437,6 +455,7 @@ impl LossConfig {
             ibot_weight: 1.0,
             koleo_weight: 0.1,
             lpips: true,
+            l2_weight: 0.0,
             centering: TeacherCentering::Centering,
             student_temp: 0.1,
             center_momentum: 0.9,
@@ -555,7 +574,8 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("loss.dino_weight", "DINO CLS-token loss weight inside L_ssl [DINOv2: 1]"),
     ("loss.ibot_weight", "iBOT masked-patch loss weight inside L_ssl [DINOv2: 1]"),
     ("loss.koleo_weight", "KoLeo weight inside L_ssl, 0 = off [DINOv2: 0.1; the paper names no KoLeo, spec §4.4 conflict 7]"),
-    ("loss.lpips", "use LPIPS-VGG in L_rec (needs its weight files; without them L1 alone, said once and recorded)"),
+    ("loss.lpips", "use LPIPS-VGG in L_rec (needs its weight files; without them no LPIPS term, said once and recorded)"),
+    ("loss.l2_weight", "weight of an MSE term in L_rec, 0 = off (not the paper's; on L1 alone a small tokenizer stalls at patch-mean colours: README \"Pre-training\")"),
     ("loss.centering", "teacher targets: \"centering\" [DINOv2] or \"sinkhorn_knopp\" [DINOv3]"),
     ("loss.student_temp", "student softmax temperature [DINOv2: 0.1]"),
     ("loss.center_momentum", "EMA momentum of the DINO and iBOT centres [DINOv2: 0.9]"),
@@ -584,7 +604,9 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("schedule.freeze_last_layer_steps", "steps with the DINO head's last layer frozen (lr 0) [DINOv2: 1 epoch]"),
     ("eval.every", "online evaluation (zero-shot top-1, PSNR on data.eval_source) every N steps, 0 = off"),
     ("eval.samples", "held-out images of the online evaluation"),
-    ("eval.classes", "comma-separated zero-shot class sets of the online evaluation (synthetic-shape, synthetic-color, synthetic-shape_color, imagenet, cifar10; \"\" = off)"),
+    ("eval.classes", "comma-separated class sets of the online zero-shot and linear probes (synthetic-shape, synthetic-color, synthetic-shape_color, imagenet, cifar10; \"\" = off)"),
+    ("eval.probe_source", "training images of the online linear probes on the CLS token and the mean 64-d latent, scored on data.eval_source (\"\" = off)"),
+    ("eval.probe_samples", "images of eval.probe_source the probes train on"),
     ("eval.grid_every", "reconstruction grid PNG (inputs above reconstructions) every N steps, 0 = off"),
     ("eval.grid_images", "images in the reconstruction grid"),
     ("log.every", "metrics (metrics.jsonl, TensorBoard) and plots every N steps"),

@@ -150,7 +150,15 @@ impl FinetuneConfig {
             loss: GanLossConfig { disc_start: 100, ..GanLossConfig::ldm() },
             optim: FinetuneOptimConfig::ldm(),
             schedule: LrScheduleConfig { lr: 5e-4, min_lr: 5e-5, warmup_steps: 20 },
-            eval: EvalConfig { every: 100, samples: 64, classes: String::new(), grid_every: 100, grid_images: 8 },
+            eval: EvalConfig {
+                every: 100,
+                samples: 64,
+                classes: String::new(),
+                probe_source: String::new(),
+                probe_samples: 0,
+                grid_every: 100,
+                grid_images: 8,
+            },
             log: LogConfig { every: 10 },
             checkpoint: CheckpointConfig { every: 100, keep: 2 },
             dist: crate::dist::DistConfig::default(),
@@ -176,7 +184,15 @@ impl FinetuneConfig {
             loss: GanLossConfig::ldm(),
             optim: FinetuneOptimConfig::ldm(),
             schedule: LrScheduleConfig { lr: 1e-4, min_lr: 1e-4, warmup_steps: 0 },
-            eval: EvalConfig { every: 2000, samples: 1000, classes: String::new(), grid_every: 2000, grid_images: 8 },
+            eval: EvalConfig {
+                every: 2000,
+                samples: 1000,
+                classes: String::new(),
+                probe_source: String::new(),
+                probe_samples: 0,
+                grid_every: 2000,
+                grid_images: 8,
+            },
             log: LogConfig { every: 20 },
             checkpoint: CheckpointConfig { every: 1000, keep: 3 },
             dist: crate::dist::DistConfig::default(),
@@ -304,6 +320,8 @@ const FINETUNE_KEY_DOCS: &[(&str, &str)] = &[
     ("schedule.warmup_steps", "linear lr warm-up from 0"),
     ("eval.every", "online evaluation (PSNR, SSIM on data.eval_source) every N steps, 0 = off"),
     ("eval.classes", "zero-shot class set also evaluated (it must not move: the encoder is frozen); \"\" = off"),
+    ("eval.probe_source", "training images of online linear probes of the frozen encoder (\"\" = off)"),
+    ("eval.probe_samples", "images of eval.probe_source the probes train on"),
 ];
 
 /// The generator side of one step: its loss and named terms (scalars).
@@ -596,7 +614,7 @@ impl Trainer for FinetuneRun {
         let inject_nan = self.config.debug.nan_at_steps.contains(&step);
         let outcome = self.step(&images.to_device(self.model.device()), step, lr, inject_nan)?;
         let images = samples.len() * self.dp.world();
-        Ok(StepReport { scalars: self.scalars(&outcome, lr)?, images, skipped: outcome.skipped })
+        Ok(StepReport { scalars: self.scalars(&outcome, lr)?, images, skipped: outcome.skipped, warnings: Vec::new() })
     }
 
     fn evaluate(&mut self, _step: u64) -> Result<Vec<(String, f64)>> {

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod diagnostics;
 pub mod dino_head;
 pub mod discriminator;
 pub mod ema;

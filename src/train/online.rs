@@ -4,16 +4,24 @@
 use super::config::EvalConfig;
 use crate::data::image::{prepare_rgb, Fit};
 use crate::data::source::{self, StreamOptions};
+use crate::eval::classnames;
+use crate::eval::linear_probe::{train_linear_probe, ProbeConfig, Protocol};
 use crate::eval::recon::{self, ReconMetrics};
-use crate::eval::zero_shot;
+use crate::eval::zero_shot::{self, labelled_batches, squash_resize};
 use crate::model::VtpModel;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-/// The online evaluation of `model` on `eval_source`: the zero-shot top-1 of every comma-separated
-/// class set of `eval.classes` at `clip_size` (`eval/zero_shot_top1/<set>`, when the model has CLIP),
-/// then PSNR and SSIM at `recon_size` (`eval/psnr`, `eval/ssim`), over `eval.samples` images.
+/// The frozen features the online linear probes read: the final-norm CLS token (what CLIP and DINO
+/// train) and the mean of the 64-d latents (what reconstruction and the generator see).
+pub const PROBE_PROTOCOLS: [Protocol; 2] = [Protocol::LastCls, Protocol::Bottleneck];
+
+/// The online evaluation of `model` on `eval_source`: for every comma-separated class set of
+/// `eval.classes`, the zero-shot top-1 at `clip_size` (`eval/zero_shot_top1/<set>`, when the model has
+/// CLIP) and the linear-probe top-1 of each of [`PROBE_PROTOCOLS`] trained on `eval.probe_source`
+/// (`eval/probe_top1/<set>/<protocol>`, when set); then PSNR and SSIM at `recon_size` (`eval/psnr`,
+/// `eval/ssim`), over `eval.samples` images.
 pub fn online_evaluation(
     model: &VtpModel,
     eval_source: &str,
@@ -24,15 +32,72 @@ pub fn online_evaluation(
     let _guard = tch::no_grad_guard();
     let mut out = Vec::new();
     let sets = eval.classes.split(',').map(str::trim).filter(|s| !s.is_empty());
-    for set in sets.filter(|_| model.config.train_clip) {
-        let z = zero_shot::evaluate_source(model, eval_source, set, eval.samples, 64, clip_size as u32, |_| {})?;
-        out.push((format!("eval/zero_shot_top1/{set}"), z.top1));
+    for set in sets {
+        if model.config.train_clip {
+            let z = zero_shot::evaluate_source(model, eval_source, set, eval.samples, 64, clip_size as u32, |_| {})?;
+            out.push((format!("eval/zero_shot_top1/{set}"), z.top1));
+        }
+        if !eval.probe_source.is_empty() {
+            out.extend(online_probes(model, eval_source, eval, set, clip_size as u32)?);
+        }
     }
     let metrics = ReconMetrics { inception: None, lpips: None, size: recon_size as u32, batch: 32 };
     let r = recon::evaluate_source(model, eval_source, eval.samples, &metrics, |_| {})?;
     out.push(("eval/psnr".to_string(), r.psnr));
     out.push(("eval/ssim".to_string(), r.ssim));
     Ok(out)
+}
+
+/// The linear probes of [`PROBE_PROTOCOLS`] for the labels of class set `set`: trained on the first
+/// `eval.probe_samples` images of `eval.probe_source`, scored on the first `eval.samples` of
+/// `eval_source`, every image squashed to `size` as for zero-shot.
+fn online_probes(
+    model: &VtpModel,
+    eval_source: &str,
+    eval: &EvalConfig,
+    set: &str,
+    size: u32,
+) -> Result<Vec<(String, f64)>> {
+    let classes = classnames::resolve(set)?;
+    let train = probe_features(model, &eval.probe_source, eval.probe_samples, &classes.label_key, size)?;
+    let val = probe_features(model, eval_source, eval.samples, &classes.label_key, size)?;
+    let config = ProbeConfig { epochs: PROBE_EPOCHS, ..ProbeConfig::default() };
+    let n_classes = Some(classes.class_names.len());
+    let mut out = Vec::new();
+    for (i, protocol) in PROBE_PROTOCOLS.iter().enumerate() {
+        let (train, val) = ((&train.0[i], &train.1), (&val.0[i], &val.1));
+        let r = train_linear_probe(train, val, n_classes, &config, &protocol.description())?;
+        out.push((format!("eval/probe_top1/{set}/{}", protocol.name()), r.top1));
+    }
+    Ok(out)
+}
+
+/// Epochs of the online linear probes (the rows are few, so more passes than §5.2's 10).
+const PROBE_EPOCHS: usize = 30;
+
+/// The features of each of [`PROBE_PROTOCOLS`] and the `label_key` labels of the first `limit` samples
+/// of `spec`, squashed to `size`.
+fn probe_features(
+    model: &VtpModel,
+    spec: &str,
+    limit: usize,
+    label_key: &str,
+    size: u32,
+) -> Result<(Vec<Tensor>, Tensor)> {
+    let stream = source::open(spec, &StreamOptions::default())?.take(limit);
+    let mut features: Vec<Vec<Tensor>> = PROBE_PROTOCOLS.iter().map(|_| Vec::new()).collect();
+    let mut labels = Vec::new();
+    for batch in labelled_batches(stream, label_key, 64, |img| squash_resize(img, size)) {
+        let (images, batch_labels) = batch?;
+        for (f, protocol) in features.iter_mut().zip(PROBE_PROTOCOLS) {
+            f.push(protocol.features(model, &images)?.to_device(Device::Cpu));
+        }
+        labels.extend(batch_labels);
+    }
+    if labels.is_empty() {
+        bail!("the linear-probe source '{spec}' yields no images");
+    }
+    Ok((features.iter().map(|f| Tensor::cat(f, 0)).collect(), Tensor::from_slice(&labels)))
 }
 
 /// A run's reconstruction grids: the first `n` held-out images of a source, centre-cropped to

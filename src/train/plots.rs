@@ -54,7 +54,8 @@ pub fn plot_curves(path: &Path, title: &str, series: &[Series], log_y: bool) -> 
 }
 
 /// Charts `run_dir/metrics.jsonl` into `run_dir/plots/`: `losses.png` (keys `loss/...`),
-/// `eval.png` (keys `eval/...`) and `lr.png` (one panel per schedule among `lr`, `wd`,
+/// `eval.png` (keys `eval/...`), `ssl.png` (the DINO and iBOT losses next to their teacher targets'
+/// entropy and `ln K`, keys `ssl/...`) and `lr.png` (one panel per schedule among `lr`, `wd`,
 /// `momentum`, `teacher_temp`, whose scales differ), each only when it has a key to draw.
 /// Returns the files written.
 pub fn plot_metrics(run_dir: &Path) -> Result<Vec<PathBuf>> {
@@ -63,12 +64,19 @@ pub fn plot_metrics(run_dir: &Path) -> Result<Vec<PathBuf>> {
         |wanted: &dyn Fn(&str) -> bool| -> Vec<Series> { series.iter().filter(|s| wanted(&s.name)).cloned().collect() };
     let losses = pick(&|k| k.starts_with("loss/"));
     let evals = pick(&|k| k.starts_with("eval/"));
+    let has_ssl = series.iter().any(|s| s.name.starts_with("ssl/"));
+    let ssl = pick(&|k| has_ssl && (k.starts_with("ssl/") || k == "loss/dino" || k == "loss/ibot"));
     let schedules = pick(&|k| SCHEDULE_KEYS.contains(&k));
     let dir = run_dir.join("plots");
     let mut written = Vec::new();
-    for (file, title, chosen) in [("losses.png", "Losses", &losses), ("eval.png", "Evaluation", &evals)] {
+    let charts = [
+        ("losses.png", "Losses", &losses, wants_log_scale(&losses)),
+        ("eval.png", "Evaluation", &evals, wants_log_scale(&evals)),
+        ("ssl.png", "Self-supervision: losses and teacher-target entropy (nats) vs ln K", &ssl, false),
+    ];
+    for (file, title, chosen, log_y) in charts {
         if !chosen.is_empty() {
-            plot_curves(&dir.join(file), title, chosen, wants_log_scale(chosen))?;
+            plot_curves(&dir.join(file), title, chosen, log_y)?;
             written.push(dir.join(file));
         }
     }

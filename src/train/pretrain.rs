@@ -7,6 +7,7 @@
 //! the 64-d bottleneck into the pixel decoder.
 use super::batch::{BatchBuilder, PretrainBatch, SslBatch};
 use super::config::{BatchConfig, PretrainConfig};
+use super::diagnostics::{mean_entropy, CollapseAlarm};
 use super::dino_head::DinoHead;
 use super::feed::{DataFeed, RankPositions};
 use super::objectives::clip::{clamp_logit_scale, clip_loss_local, siglip_loss_local};
@@ -36,10 +37,12 @@ use tch::{nn, nn::Module, Device, Kind, Tensor};
 /// Global crops per image (DINOv2).
 pub const N_GLOBAL_CROPS: i64 = 2;
 
-/// The loss of one step and its named terms (scalars).
+/// The loss of one step, its named terms (scalars), and what watches the training without entering the
+/// loss (`ssl/*`: the mean entropy of the DINO and iBOT teacher targets).
 pub struct Losses {
     pub total: Tensor,
     pub terms: Vec<(&'static str, Tensor)>,
+    pub diagnostics: Vec<(&'static str, f64)>,
 }
 
 /// The student's parameters: the tokenizer's (official names) and its DINO head's (`dino_head.*`).
@@ -147,8 +150,14 @@ impl Pretrainer {
     }
 
     /// The SSL terms (spec §4.4): DINO on CLS tokens (teacher crops swapped), iBOT on the masked
-    /// patches, KoLeo on the student's global-crop CLS tokens (pre-head).
-    fn ssl_losses(&mut self, ssl: &SslBatch, teacher_temp: f64) -> Result<Vec<(&'static str, Tensor)>> {
+    /// patches, KoLeo on the student's global-crop CLS tokens (pre-head); and the mean entropy of the
+    /// DINO and iBOT teacher targets (diagnostics).
+    #[allow(clippy::type_complexity)]
+    fn ssl_losses(
+        &mut self,
+        ssl: &SslBatch,
+        teacher_temp: f64,
+    ) -> Result<(Vec<(&'static str, Tensor)>, Vec<(&'static str, f64)>)> {
         let wide = !self.model.config.vision_bottleneck_ae_only;
         let loss = self.config.loss.clone();
         let idx = &ssl.masks.mask_indices_list;
@@ -184,7 +193,12 @@ impl Pretrainer {
             &ssl.masks.masks_weight,
             N_GLOBAL_CROPS,
         );
-        Ok(vec![("dino", dino.total()), ("ibot", ibot), ("koleo", koleo_per_crop(&g_cls, N_GLOBAL_CROPS))])
+        let terms = vec![("dino", dino.total()), ("ibot", ibot), ("koleo", koleo_per_crop(&g_cls, N_GLOBAL_CROPS))];
+        let diagnostics = vec![
+            ("dino_target_entropy", mean_entropy(&dino_targets)),
+            ("ibot_target_entropy", mean_entropy(&ibot_targets)),
+        ];
+        Ok((terms, diagnostics))
     }
 
     /// The loss of one batch and its terms (scalars, differentiable).
@@ -192,6 +206,7 @@ impl Pretrainer {
         let l = self.config.loss.clone();
         let objectives = self.config.objectives;
         let mut terms: Vec<(&'static str, Tensor)> = Vec::new();
+        let mut diagnostics = Vec::new();
         let mut total = Tensor::zeros([], (Kind::Float, self.model.device()));
         if let (true, Some(images), Some(tokens)) = (objectives.clip(), &batch.clip_images, &batch.tokens) {
             let clip = self.clip_loss(images, tokens)?;
@@ -199,7 +214,8 @@ impl Pretrainer {
             terms.push(("clip", clip));
         }
         if let (true, Some(ssl)) = (objectives.ssl(), &batch.ssl) {
-            let ssl_terms = self.ssl_losses(ssl, sv.teacher_temp)?;
+            let (ssl_terms, ssl_diagnostics) = self.ssl_losses(ssl, sv.teacher_temp)?;
+            diagnostics = ssl_diagnostics;
             let weights = [l.dino_weight, l.ibot_weight, l.koleo_weight];
             let ssl_total =
                 ssl_terms.iter().zip(weights).fold(Tensor::zeros_like(&total), |acc, ((_, t), w)| acc + t * w);
@@ -214,11 +230,14 @@ impl Pretrainer {
         let rec = self.recon.forward(&batch.recon, &reconstruction)?;
         total += &rec.total * l.lambda_rec;
         terms.push(("rec_l1", rec.l1));
+        if let Some(l2) = rec.l2 {
+            terms.push(("rec_l2", l2));
+        }
         if let Some(p) = rec.lpips {
             terms.push(("rec_lpips", p));
         }
         terms.push(("rec", rec.total));
-        Ok(Losses { total, terms })
+        Ok(Losses { total, terms, diagnostics })
     }
 
     /// One optimisation step on `batch` (this rank's share of the global batch) with the schedule values
@@ -324,6 +343,8 @@ pub struct PretrainRun {
     local_clip: usize,
     /// Every rank's data position, gathered before a checkpoint.
     feeds: RankPositions,
+    /// Watches the DINO teacher targets for the uniform solution.
+    alarm: CollapseAlarm,
 }
 
 impl PretrainRun {
@@ -339,8 +360,10 @@ impl PretrainRun {
         let schedules = Schedules::new(&c.schedule, c.train.steps)?;
         let grid =
             ReconGrid::new(&c.data.eval_source, c.eval.grid_images, c.model.vision_patch_size, c.data.recon_size);
+        let alarm = CollapseAlarm::new(c.dino_head.out_dim, c.schedule.warmup_teacher_temp_steps);
         let trainer = Pretrainer::new(config, recon, device, dp)?;
-        Ok(Self { trainer, feed, builder, schedules, grid, local_clip: sizes.clip, feeds: RankPositions::default() })
+        let feeds = RankPositions::default();
+        Ok(Self { trainer, feed, builder, schedules, grid, local_clip: sizes.clip, feeds, alarm })
     }
 
     /// The loop settings of this run's config.
@@ -349,14 +372,19 @@ impl PretrainRun {
         RunOptions::from_config(&c.train, &c.log, &c.eval, &c.checkpoint)
     }
 
-    /// The step's scalars: every loss term (the mean over the ranks), the schedules, the gradient
-    /// norm, the CLIP temperature.
+    /// The step's scalars: every loss term and diagnostic (the mean over the ranks; with SSL also
+    /// `ssl/ln_k`, the uniform targets' entropy), the schedules, the gradient norm, the CLIP temperature.
     fn scalars(&self, losses: &Losses, sv: &ScheduleValues, grad_norm: f64) -> Result<Vec<(String, f64)>> {
         let mut names = vec!["loss/total".to_string()];
         names.extend(losses.terms.iter().map(|(k, _)| format!("loss/{k}")));
+        names.extend(losses.diagnostics.iter().map(|(k, _)| format!("ssl/{k}")));
         let mut values = vec![losses.total.double_value(&[])];
         values.extend(losses.terms.iter().map(|(_, v)| v.double_value(&[])));
+        values.extend(losses.diagnostics.iter().map(|(_, v)| *v));
         let mut out: Vec<(String, f64)> = names.into_iter().zip(self.trainer.dp.mean(&values)?).collect();
+        if !losses.diagnostics.is_empty() {
+            out.push(("ssl/ln_k".to_string(), self.alarm.ln_k()));
+        }
         out.extend([
             ("lr".to_string(), sv.lr),
             ("wd".to_string(), sv.wd),
@@ -415,7 +443,10 @@ impl Trainer for PretrainRun {
         let inject_nan = self.trainer.config.debug.nan_at_steps.contains(&step);
         let (losses, grad_norm, skipped) = self.trainer.step(&batch, &sv, inject_nan)?;
         let images = samples.len() * self.trainer.dp.world();
-        Ok(StepReport { scalars: self.scalars(&losses, &sv, grad_norm)?, images, skipped })
+        let scalars = self.scalars(&losses, &sv, grad_norm)?;
+        let entropy = scalars.iter().find(|(k, _)| k == "ssl/dino_target_entropy").map(|(_, v)| *v);
+        let warnings = entropy.and_then(|e| self.alarm.observe(step, e)).into_iter().collect();
+        Ok(StepReport { scalars, images, skipped, warnings })
     }
 
     fn evaluate(&mut self, _step: u64) -> Result<Vec<(String, f64)>> {

@@ -20,7 +20,7 @@ use std::time::Instant;
 use tch::Tensor;
 
 /// What one optimisation step reports.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StepReport {
     /// Named scalars: `loss/*` terms (shown on the progress bar), schedules (`lr`, …), `grad_norm`.
     pub scalars: Vec<(String, f64)>,
@@ -28,6 +28,8 @@ pub struct StepReport {
     pub images: usize,
     /// The loss or a gradient was non-finite: nothing was updated.
     pub skipped: bool,
+    /// Warnings for the user (e.g. the SSL collapse alarm), printed once each by rank 0.
+    pub warnings: Vec<String>,
 }
 
 /// A trainer the run loop drives.
@@ -206,6 +208,11 @@ pub fn run(
     while step < opts.steps {
         let report = trainer.train_step(step)?;
         step += 1;
+        if main {
+            for w in &report.warnings {
+                bar.suspend(|| eprintln!("warning: step {step}: {w}"));
+            }
+        }
         if report.skipped {
             skipped += 1;
             bad_in_row += 1;

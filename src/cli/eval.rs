@@ -6,7 +6,7 @@ use super::images::progress;
 use super::ModelArgs;
 use crate::data::source::{self, StreamOptions};
 use crate::data::Sample;
-use crate::eval::classnames;
+use crate::eval::classnames::{self, ResolvedClassSet};
 use crate::eval::linear_probe::{
     extract_features, model_fingerprint, resize_center_crop, train_linear_probe, CacheKey, FeatureCache,
     LinearProbeResult, ProbeConfig, Protocol, PROBE_CROP, PROBE_RESIZE,
@@ -33,7 +33,11 @@ pub struct EvalArgs {
     /// Comma-separated tasks: zero-shot, linear-probe, recon.
     #[arg(long, default_value = "zero-shot,linear-probe,recon")]
     tasks: String,
-    /// Zero-shot class set: imagenet, cifar10, synthetic-shape, synthetic-color, synthetic-shape_color.
+    /// Class set of zero-shot and linear probing: imagenet, cifar10, synthetic-shape, synthetic-color,
+    /// synthetic-shape_color, or folder: the class sub-folders of class-folder --data
+    /// (DIR/<class>/<image>), in sorted name order like their labels, '_' read as a space in the
+    /// prompts (the 80 OpenAI ImageNet templates); the linear probe then needs --train-data class
+    /// folders with the same class names.
     #[arg(long, default_value = "synthetic-shape")]
     classes: String,
     /// Linear-probe training data (SPEC); the probe is evaluated on --data.
@@ -81,11 +85,19 @@ struct Report {
     model: String,
     model_fingerprint: String,
     data: String,
+    classes: Option<ClassesSummary>,
     zero_shot: Option<ZeroShotResult>,
     linear_probe: Vec<LinearProbeResult>,
     linear_probe_train_data: Option<String>,
     reconstruction: Option<ReconResult>,
     skipped: Vec<String>,
+}
+
+/// The class set of the report: its name and size.
+#[derive(Serialize, Debug)]
+struct ClassesSummary {
+    name: String,
+    n_classes: usize,
 }
 
 /// The source stream limited to `limit` samples, with a progress bar.
@@ -96,23 +108,23 @@ fn samples(spec: &str, limit: usize, what: &str) -> Result<(impl Iterator<Item =
     Ok((stream, bar))
 }
 
-fn zero_shot(model: &VtpModel, a: &EvalArgs) -> Result<ZeroShotResult> {
+fn zero_shot(model: &VtpModel, a: &EvalArgs, classes: &ResolvedClassSet) -> Result<ZeroShotResult> {
     let bar = progress(a.limit, "zero-shot");
-    let result = zero_shot::evaluate_source(model, &a.data, &a.classes, a.limit, a.batch, a.size, |n| {
-        bar.set_position(n as u64)
-    });
+    let result =
+        zero_shot::evaluate_set(model, &a.data, classes, a.limit, a.batch, a.size, |n| bar.set_position(n as u64));
     bar.finish_and_clear();
     result
 }
 
+/// The probe's features and labels of the first `--limit` samples of `spec` (label `set.label_key`),
+/// cached.
 fn probe_features(
     model: &VtpModel,
     a: &EvalArgs,
-    spec: &str,
+    (spec, set): (&str, &ResolvedClassSet),
     protocol: Protocol,
     fingerprint: &str,
 ) -> Result<(tch::Tensor, tch::Tensor)> {
-    let set = classnames::resolve(&a.classes)?;
     let key = CacheKey {
         model: fingerprint.to_string(),
         data: format!("{spec}|n{}|resize{}crop{}|{}", a.limit, probe_resize(a.probe_crop), a.probe_crop, set.label_key),
@@ -138,9 +150,40 @@ fn probe_resize(crop: u32) -> u32 {
     }
 }
 
+/// The class set of --train-data, which must name the classes of --data (`classes`) in the same order:
+/// for `--classes folder`, the class folders of both.
+fn train_classes(a: &EvalArgs, classes: &ResolvedClassSet) -> Result<ResolvedClassSet> {
+    let train = classnames::resolve_for_data(&a.classes, &a.train_data)?;
+    if train.class_names != classes.class_names {
+        bail!(
+            "the {} classes of --train-data '{}' are not the {} classes of --data '{}' (same names, same order)",
+            train.class_names.len(),
+            a.train_data,
+            classes.class_names.len(),
+            a.data
+        );
+    }
+    Ok(train)
+}
+
+/// The class sets the tasks need, resolved before the model loads so that a bad --classes, --data or
+/// --train-data fails at once: that of --data for zero-shot and linear probing, that of --train-data
+/// for linear probing.
+fn class_sets(a: &EvalArgs, tasks: &[&str]) -> Result<(Option<ResolvedClassSet>, Option<ResolvedClassSet>)> {
+    if !tasks.contains(&"zero-shot") && !tasks.contains(&"linear-probe") {
+        return Ok((None, None));
+    }
+    let classes = classnames::resolve_for_data(&a.classes, &a.data)?;
+    let train = if tasks.contains(&"linear-probe") { Some(train_classes(a, &classes)?) } else { None };
+    Ok((Some(classes), train))
+}
+
+/// The linear probes of every --protocols feature protocol (spec §5.2), trained on --train-data
+/// (`train_classes`) and evaluated on --data (`classes`); protocols the model lacks are `skipped`.
 fn linear_probe(
     model: &VtpModel,
     a: &EvalArgs,
+    (classes, train_classes): (&ResolvedClassSet, &ResolvedClassSet),
     fingerprint: &str,
     skipped: &mut Vec<String>,
 ) -> Result<Vec<LinearProbeResult>> {
@@ -152,9 +195,11 @@ fn linear_probe(
             skipped.push(format!("linear-probe {name}: {e}"));
             continue;
         }
-        let train = probe_features(model, a, &a.train_data, protocol, fingerprint)?;
-        let val = probe_features(model, a, &a.data, protocol, fingerprint)?;
-        let mut r = train_linear_probe((&train.0, &train.1), (&val.0, &val.1), None, &config, &protocol.description())?;
+        let train = probe_features(model, a, (&a.train_data, train_classes), protocol, fingerprint)?;
+        let val = probe_features(model, a, (&a.data, classes), protocol, fingerprint)?;
+        let n_classes = Some(classes.class_names.len());
+        let mut r =
+            train_linear_probe((&train.0, &train.1), (&val.0, &val.1), n_classes, &config, &protocol.description())?;
         r.protocol = format!("{} (train '{}', eval '{}')", r.protocol, a.train_data, a.data);
         results.push(r);
     }
@@ -213,27 +258,29 @@ pub fn eval(a: &EvalArgs, device: Device) -> Result<()> {
     if let Some(t) = tasks.iter().find(|t| !["zero-shot", "linear-probe", "recon"].contains(t)) {
         bail!("unknown task '{t}' (expected zero-shot, linear-probe, recon)");
     }
+    let (classes, train_classes) = class_sets(a, &tasks)?;
     let model = a.model.load(device)?;
     let fingerprint = model_fingerprint(&model)?;
     let mut report = Report {
         model: a.model.describe(),
         model_fingerprint: fingerprint.clone(),
         data: a.data.clone(),
+        classes: classes.as_ref().map(|c| ClassesSummary { name: c.name.clone(), n_classes: c.class_names.len() }),
         zero_shot: None,
         linear_probe: Vec::new(),
         linear_probe_train_data: None,
         reconstruction: None,
         skipped: Vec::new(),
     };
-    if tasks.contains(&"zero-shot") {
+    if let (true, Some(classes)) = (tasks.contains(&"zero-shot"), &classes) {
         if model.config.train_clip {
-            report.zero_shot = Some(zero_shot(&model, a)?);
+            report.zero_shot = Some(zero_shot(&model, a, classes)?);
         } else {
             report.skipped.push("zero-shot: the model has no CLIP text tower (train_clip = false)".into());
         }
     }
-    if tasks.contains(&"linear-probe") {
-        report.linear_probe = linear_probe(&model, a, &fingerprint, &mut report.skipped)?;
+    if let (Some(classes), Some(train_classes)) = (&classes, &train_classes) {
+        report.linear_probe = linear_probe(&model, a, (classes, train_classes), &fingerprint, &mut report.skipped)?;
         report.linear_probe_train_data = Some(a.train_data.clone());
     }
     if tasks.contains(&"recon") {

@@ -42,6 +42,27 @@ pub fn has_class_folders(dir: &Path) -> Result<bool> {
     Ok(false)
 }
 
+/// Why `dir` holds no class folders whose images carry labels, as a phrase naming it (`'DIR' is
+/// empty: ...`, `'DIR' holds N images but no class sub-folders, ...`, `no sub-folder of 'DIR' holds
+/// images`); `None` when it is no directory or has class folders ([`has_class_folders`]).
+pub fn missing_class_folders(dir: &Path) -> Result<Option<String>> {
+    if !dir.is_dir() || has_class_folders(dir)? {
+        return Ok(None);
+    }
+    let images = list_images(dir)?.len();
+    let shown = dir.display();
+    Ok(Some(match (images, sub_folders(dir)?.is_empty()) {
+        (0, true) => format!("'{shown}' is empty: no class sub-folders, no images"),
+        (0, false) => no_class_images(dir),
+        (n, _) => format!("'{shown}' holds {n} images but no class sub-folders, so its images carry no labels"),
+    }))
+}
+
+/// The message for class folders without a single image directly in them.
+fn no_class_images(dir: &Path) -> String {
+    format!("no sub-folder of '{}' holds images directly (expected {}/<class>/<image>)", dir.display(), dir.display())
+}
+
 /// A folder of images with a captions file mapping image paths (relative to the folder, `/`
 /// separated) to captions and optional `"cls"` labels.
 ///
@@ -132,6 +153,15 @@ impl ClassFolder {
             classes.push(name);
         }
         Ok(Self { dir: dir.to_path_buf(), classes, images, template: template.to_string() })
+    }
+
+    /// [`ClassFolder::open`], and an error naming `dir` when not one image was found.
+    pub fn open_labelled(dir: &Path, template: &str) -> Result<Self> {
+        let folder = Self::open(dir, template)?;
+        if folder.is_empty() {
+            bail!(no_class_images(dir));
+        }
+        Ok(folder)
     }
 
     /// The class names, in label order.

@@ -33,7 +33,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::folder::{find_captions_file, has_class_folders, CaptionFolder, ClassFolder, CLASS_CAPTION_TEMPLATE};
+use super::folder::{
+    find_captions_file, has_class_folders, missing_class_folders, CaptionFolder, ClassFolder, CLASS_CAPTION_TEMPLATE,
+};
 use super::synthetic::{Split, SyntheticConfig, SyntheticDataset};
 use super::webdataset::{expand_shard_list, is_url, ShardWriter, WebDataset};
 use super::Sample;
@@ -297,6 +299,26 @@ fn query_pairs(query: &str) -> Result<Vec<(&str, &str)>> {
         .collect()
 }
 
+/// The class folders (ImageNet layout, `DIR/<class>/<image>`) named by `spec`, whose images carry
+/// the `"cls"` label of [`ClassFolder`] (sorted class-name order). Any other source, and a folder
+/// that is empty, holds its images without class sub-folders, or has a captions file, is a one-line
+/// error naming the path and the problem.
+pub fn open_class_folder(spec: &str) -> Result<ClassFolder> {
+    match parse(spec) {
+        Ok(SourceSpec::ClassFolder { dir, template }) => ClassFolder::open_labelled(&dir, &template),
+        Ok(other) => bail!("'{}' is {}, not class folders (DIR/<class>/<image>)", spec.trim(), other.describe()),
+        Err(e) => match missing_class_folders(Path::new(spec_base(spec)))? {
+            Some(problem) => bail!(problem),
+            None => Err(e),
+        },
+    }
+}
+
+/// The path part of a SPEC (before its `?` options).
+fn spec_base(spec: &str) -> &str {
+    spec.trim().split_once('?').map_or(spec.trim(), |(base, _)| base)
+}
+
 /// Opens the source named by `spec` as a stream from the start of `opts.epoch`.
 pub fn open(spec: &str, opts: &StreamOptions) -> Result<SampleStream> {
     parse(spec)?.open(opts)
@@ -310,6 +332,19 @@ pub fn open_at(spec: &str, opts: &StreamOptions, state: &StreamState) -> Result<
 }
 
 impl SourceSpec {
+    /// What the source is, for messages: `the synthetic scenes`, `3 WebDataset shards`, `an image
+    /// folder with the captions file 'F'`, `the class folders of 'DIR'`.
+    pub fn describe(&self) -> String {
+        match self {
+            SourceSpec::Synthetic(_) => "the synthetic scenes".into(),
+            SourceSpec::WebDataset(shards) => format!("{} WebDataset shard(s)", shards.len()),
+            SourceSpec::CaptionFolder { captions, .. } => {
+                format!("an image folder with the captions file '{}'", captions.display())
+            }
+            SourceSpec::ClassFolder { dir, .. } => format!("the class folders of '{}'", dir.display()),
+        }
+    }
+
     /// A stream from the start of `opts.epoch`.
     pub fn open(&self, opts: &StreamOptions) -> Result<SampleStream> {
         self.open_at(opts, &StreamState::start(opts.epoch, opts.workers))

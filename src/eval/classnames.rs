@@ -9,16 +9,19 @@
 //!   (`openai/CLIP` `data/prompts.md`, also CLIP_benchmark's).
 //! - The built-in synthetic scenes: the label sets of [`crate::data::synthetic::LABEL_SETS`] with names from
 //!   [`crate::data::synthetic::class_names`] and a few simple templates of our own.
+//! - Any class folders (ImageNet layout, `DIR/<class>/<image>`): the class set [`FOLDER_CLASS_SET`] takes
+//!   the sorted sub-folder names (the order of the folder source's `cls` labels, like torchvision's
+//!   `ImageFolder`), `_` read as a space, with the 80 OpenAI ImageNet templates ([`folder_class_set`]).
 //!
 //! Templates use a `{c}` placeholder for the class name ([`fill_template`]).
 
 use std::fmt;
 use std::str::FromStr;
 
-use anyhow::{bail, Error, Result};
+use anyhow::{bail, Context, Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::data::synthetic;
+use crate::data::{source, synthetic};
 
 /// `assets/imagenet_classnames.txt`: the 1000 OpenCLIP ImageNet class names, one per line (spec §5.1).
 const IMAGENET_CLASSNAMES_TXT: &str = include_str!("../../assets/imagenet_classnames.txt");
@@ -88,6 +91,51 @@ fn lines(text: &'static str) -> Vec<&'static str> {
 /// A template with its `{c}` replaced by `class_name` (OpenCLIP's `lambda c: f'...{c}...'`).
 pub fn fill_template(template: &str, class_name: &str) -> String {
     template.replace(CLASS_PLACEHOLDER, class_name)
+}
+
+/// The prompts of one class: every template with its `{c}` replaced by `class_name`, in template order.
+pub fn prompts(templates: &[String], class_name: &str) -> Vec<String> {
+    templates.iter().map(|t| fill_template(t, class_name)).collect()
+}
+
+/// The name of the class set read from the data: the class sub-folders of a class-folder source
+/// ([`folder_class_set`]).
+pub const FOLDER_CLASS_SET: &str = "folder";
+
+/// A class folder's name as the class name of its prompts: `_` becomes a space (`apple_pie` ->
+/// `apple pie`). (ImageNet's wnid folders, `n01440764`, name no class: use the `imagenet` set there.)
+pub fn folder_prompt_name(folder: &str) -> String {
+    folder.replace('_', " ")
+}
+
+/// The [`FOLDER_CLASS_SET`] of the class folders `spec` ([`source::open_class_folder`]): one class per
+/// sub-folder in sorted name order (= its `cls` label), named by [`folder_prompt_name`], prompted with
+/// the 80 OpenAI ImageNet templates ([`openai_imagenet_templates`]), label key [`CLS_LABEL_KEY`].
+/// Data that are not labelled class folders are a one-line error naming the path and the problem.
+pub fn folder_class_set(spec: &str) -> Result<ResolvedClassSet> {
+    let folders = source::open_class_folder(spec)
+        .with_context(|| format!("class set '{FOLDER_CLASS_SET}' takes its classes from class folders"))?;
+    Ok(ResolvedClassSet {
+        name: FOLDER_CLASS_SET.into(),
+        class_names: folders.classes().iter().map(|c| folder_prompt_name(c)).collect(),
+        templates: openai_imagenet_templates().into_iter().map(String::from).collect(),
+        label_key: CLS_LABEL_KEY.into(),
+    })
+}
+
+/// Whether `name` names [`FOLDER_CLASS_SET`] (any case).
+pub fn is_folder_set(name: &str) -> bool {
+    name.trim().eq_ignore_ascii_case(FOLDER_CLASS_SET)
+}
+
+/// Resolves class set `name` for the data `spec`: [`FOLDER_CLASS_SET`] reads the class folders of
+/// `spec` ([`folder_class_set`]), any other name is [`resolve`]d without looking at the data.
+pub fn resolve_for_data(name: &str, spec: &str) -> Result<ResolvedClassSet> {
+    if is_folder_set(name) {
+        folder_class_set(spec)
+    } else {
+        resolve(name)
+    }
 }
 
 /// A named set of classes for zero-shot classification (spec §5.1): which names, which templates, and
@@ -173,6 +221,9 @@ impl FromStr for ClassSet {
     /// Parses a set name (any case; `imagenet-1k`/`imagenet1k`, `cifar-10`, `synthetic-shape-color` and
     /// `synthetic` = `synthetic-shape_color` also accepted).
     fn from_str(text: &str) -> Result<Self, Error> {
+        if is_folder_set(text) {
+            bail!("class set '{FOLDER_CLASS_SET}' is read from the data: resolve it with resolve_for_data");
+        }
         let lower = text.trim().to_ascii_lowercase();
         Ok(match lower.as_str() {
             "imagenet" | "imagenet-1k" | "imagenet1k" => ClassSet::Imagenet,
@@ -184,7 +235,7 @@ impl FromStr for ClassSet {
                 }
                 _ => {
                     let known: Vec<String> = ClassSet::all().iter().map(ClassSet::name).collect();
-                    bail!("unknown class set '{text}' (expected one of {})", known.join(", "))
+                    bail!("unknown class set '{text}' (expected one of {}, {FOLDER_CLASS_SET})", known.join(", "))
                 }
             },
         })

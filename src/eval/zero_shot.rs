@@ -22,7 +22,7 @@ use crate::model::text::token_ids;
 use crate::model::VtpModel;
 use crate::tokenizer::ClipTokenizer;
 
-use super::classnames::{self, fill_template, CLASS_PLACEHOLDER};
+use super::classnames::{self, prompts, ResolvedClassSet, CLASS_PLACEHOLDER};
 
 /// The fixed logit scale of the zero-shot tool (spec §5.1, §7.19), not `exp(logit_scale)`.
 pub const LOGIT_SCALE: f64 = 100.0;
@@ -87,10 +87,9 @@ impl ZeroShotClassifier {
         let rows = tch::no_grad(|| -> Result<Vec<Tensor>> {
             let mut rows = Vec::new();
             for chunk in class_names.chunks(class_batch.max(1)) {
-                let prompts: Vec<String> =
-                    chunk.iter().flat_map(|c| templates.iter().map(move |t| fill_template(t, c))).collect();
-                let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-                let tokens = token_ids(&tokenizer, &prompts, context_length).to_device(model.device());
+                let texts: Vec<String> = chunk.iter().flat_map(|c| prompts(templates, c)).collect();
+                let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let tokens = token_ids(&tokenizer, &texts, context_length).to_device(model.device());
                 let features = model.get_clip_text_feature(&tokens, true)?.to_kind(Kind::Float);
                 let width = features.size()[1];
                 let mean = features.view([chunk.len() as i64, n_templates, width]).mean_dim(1, false, None::<Kind>);
@@ -159,9 +158,8 @@ impl ZeroShotClassifier {
 }
 
 /// The zero-shot protocol (spec §5.1) on a data source, as `vtp eval` and the pre-training run's online
-/// evaluation both run it: the first `limit` samples of `spec` (see [`crate::data::source`]), class set
-/// `classes` ([`classnames::resolve`]), images squash-resized to `size`, `batch` images per forward;
-/// `progress` gets the number of images read so far.
+/// evaluation both run it: class set `classes` resolved for `spec` ([`classnames::resolve_for_data`]:
+/// `folder` reads the class folders of `spec`), then [`evaluate_set`].
 pub fn evaluate_source(
     model: &VtpModel,
     spec: &str,
@@ -169,9 +167,24 @@ pub fn evaluate_source(
     limit: usize,
     batch: usize,
     size: u32,
+    progress: impl FnMut(usize),
+) -> Result<ZeroShotResult> {
+    let set = classnames::resolve_for_data(classes, spec)?;
+    evaluate_set(model, spec, &set, limit, batch, size, progress)
+}
+
+/// The zero-shot protocol (spec §5.1) with a resolved class set: the first `limit` samples of `spec`
+/// (see [`crate::data::source`]), ground truth `set.label_key`, images squash-resized to `size`,
+/// `batch` images per forward; `progress` gets the number of images read so far.
+pub fn evaluate_set(
+    model: &VtpModel,
+    spec: &str,
+    set: &ResolvedClassSet,
+    limit: usize,
+    batch: usize,
+    size: u32,
     mut progress: impl FnMut(usize),
 ) -> Result<ZeroShotResult> {
-    let set = classnames::resolve(classes)?;
     let classifier = ZeroShotClassifier::build(model, &set.class_names, &set.templates, DEFAULT_CLASS_BATCH)?;
     let mut read = 0;
     let stream = source::open(spec, &StreamOptions::default())?.take(limit).inspect(|_| {

@@ -604,7 +604,7 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("schedule.freeze_last_layer_steps", "steps with the DINO head's last layer frozen (lr 0) [DINOv2: 1 epoch]"),
     ("eval.every", "online evaluation (zero-shot top-1, PSNR on data.eval_source) every N steps, 0 = off"),
     ("eval.samples", "held-out images of the online evaluation"),
-    ("eval.classes", "comma-separated class sets of the online zero-shot and linear probes (synthetic-shape, synthetic-color, synthetic-shape_color, imagenet, cifar10; \"\" = off)"),
+    ("eval.classes", "comma-separated class sets of the online zero-shot and linear probes (synthetic-shape, synthetic-color, synthetic-shape_color, imagenet, cifar10, folder = the class sub-folders of data.eval_source; \"\" = off)"),
     ("eval.probe_source", "training images of the online linear probes on the CLS token and the mean 64-d latent, scored on data.eval_source (\"\" = off)"),
     ("eval.probe_samples", "images of eval.probe_source the probes train on"),
     ("eval.grid_every", "reconstruction grid PNG (inputs above reconstructions) every N steps, 0 = off"),

@@ -58,7 +58,7 @@ fn online_probes(
     set: &str,
     size: u32,
 ) -> Result<Vec<(String, f64)>> {
-    let classes = classnames::resolve(set)?;
+    let classes = classnames::resolve_for_data(set, eval_source)?;
     let train = probe_features(model, &eval.probe_source, eval.probe_samples, &classes.label_key, size)?;
     let val = probe_features(model, eval_source, eval.samples, &classes.label_key, size)?;
     let config = ProbeConfig { epochs: PROBE_EPOCHS, ..ProbeConfig::default() };

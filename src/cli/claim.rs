@@ -102,6 +102,9 @@ const OBJECTIVES: [&str; 2] = ["ae", "all"];
 /// Image side of the whole experiment (the tiny preset's).
 const SIZE: u32 = 64;
 
+/// The object scale of the scenes, as the tiny preset trains on them (`TINY_TRAIN_DATA`).
+const ZOOM: u32 = 2;
+
 /// One tokenizer's row of the table.
 #[derive(Debug, Serialize)]
 struct Row {
@@ -129,9 +132,9 @@ pub fn claim(a: &ClaimArgs) -> Result<()> {
             .args(["-n", &plan.reference_n.to_string(), "--n-train", &plan.reference_train_n.to_string()])
             .args([
                 "--heldout",
-                &format!("synthetic:heldout?res={SIZE}"),
+                &format!("synthetic:heldout?res={SIZE}&zoom={ZOOM}"),
                 "--train",
-                &format!("synthetic:train?res={SIZE}&seed=1"),
+                &format!("synthetic:train?res={SIZE}&zoom={ZOOM}&seed=1"),
             ])
             .arg("--out")
             .arg(&reference);
@@ -173,8 +176,8 @@ fn tokenizer_and_dit(
     vtp.run_once(&format!("eval-{name}"), &eval, |c| {
         let tasks = if objectives == "ae" { "linear-probe,recon" } else { "zero-shot,linear-probe,recon" };
         c.args(["eval", "--model"]).arg(&model).args(["--tasks", tasks, "--classes", "synthetic-shape"]);
-        c.args(["--data", &format!("synthetic:heldout?n={}&res={SIZE}", plan.eval_n)]);
-        c.args(["--train-data", &format!("synthetic:train?n={}&res={SIZE}&seed=1", plan.probe_train_n)]);
+        c.args(["--data", &format!("synthetic:heldout?n={}&res={SIZE}&zoom={ZOOM}", plan.eval_n)]);
+        c.args(["--train-data", &format!("synthetic:train?n={}&res={SIZE}&zoom={ZOOM}&seed=1", plan.probe_train_n)]);
         c.args(["--protocols", "bottleneck", "--probe-crop", &SIZE.to_string(), "--size", &SIZE.to_string()]);
         c.args(["--limit", &plan.eval_n.max(plan.probe_train_n).to_string(), "--epochs", "30"]);
         c.arg("--cache").arg(out.join("probe-cache")).arg("--out").arg(&eval);
@@ -182,7 +185,7 @@ fn tokenizer_and_dit(
     let cache = out.join(format!("cache-{name}"));
     vtp.run_once(&format!("extract-{name}"), &cache.join("latent_stats.safetensors"), |c| {
         c.args(["dit", "extract", "--model"]).arg(&model).arg("--out").arg(&cache);
-        c.args(["--data", &format!("synthetic:train?n={}&res={SIZE}", plan.cache_n), "--labels", "shape"]);
+        c.args(["--data", &format!("synthetic:train?n={}&res={SIZE}&zoom={ZOOM}", plan.cache_n), "--labels", "shape"]);
         c.args(["--size", &SIZE.to_string()]);
     })?;
     let dit = out.join(format!("dit-{name}"));

@@ -1,7 +1,8 @@
 //! Sample sources behind one SPEC string, and the sharded, shuffled, resumable stream over them.
 //!
 //! SPEC forms ([`parse`]):
-//! - `synthetic[:train|heldout|novel][?n=10000&res=64&seed=0]`: the built-in synthetic scenes;
+//! - `synthetic[:train|heldout|novel][?n=10000&res=64&seed=0&zoom=1&colorless=0]`: the built-in synthetic scenes
+//!   (`zoom`: a factor on the object sizes; `colorless`: the share of captions without colour words);
 //! - a `.tar` / `.tar.gz` / `.tgz` path, a brace pattern (`shards/{000..099}.tar`), a comma list
 //!   of these, or `http(s)://` URL(s): WebDataset shards ([`super::webdataset`]);
 //! - a directory `DIR[?captions=FILE&template=T]`: images with a captions file (`?captions=`, else
@@ -36,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use super::folder::{
     find_captions_file, has_class_folders, missing_class_folders, CaptionFolder, ClassFolder, CLASS_CAPTION_TEMPLATE,
 };
-use super::synthetic::{Split, SyntheticConfig, SyntheticDataset};
+use super::synthetic::{Split, SyntheticConfig, SyntheticDataset, MAX_ZOOM};
 use super::webdataset::{expand_shard_list, is_url, ShardWriter, WebDataset};
 use super::Sample;
 
@@ -241,10 +242,28 @@ fn parse_synthetic(rest: &str) -> Result<SourceSpec> {
             "n" => config.len = value.parse().with_context(number)?,
             "res" => config.resolution = value.parse().with_context(number)?,
             "seed" => config.seed = value.parse().with_context(number)?,
-            _ => bail!("unknown option '{key}' (expected n, res, seed)"),
+            "zoom" => config.zoom = parse_zoom(value)?,
+            "colorless" => config.colorless = parse_probability(key, value)?,
+            _ => bail!("unknown option '{key}' (expected n, res, seed, zoom, colorless)"),
         }
     }
     Ok(SourceSpec::Synthetic(config))
+}
+
+/// The `zoom` option of a synthetic SPEC: a factor on the object sizes in `[0.25, MAX_ZOOM]`.
+fn parse_zoom(value: &str) -> Result<f32> {
+    match value.parse::<f32>() {
+        Ok(z) if (0.25..=MAX_ZOOM).contains(&z) => Ok(z),
+        _ => bail!("'zoom' must be a number from 0.25 to {MAX_ZOOM}, got '{value}'"),
+    }
+}
+
+/// A probability option of a synthetic SPEC, in `[0, 1]`.
+fn parse_probability(key: &str, value: &str) -> Result<f32> {
+    match value.parse::<f32>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => bail!("'{key}' must be a probability from 0 to 1, got '{value}'"),
+    }
 }
 
 /// A directory SPEC with its `?captions=..&template=..` options.

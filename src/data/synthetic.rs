@@ -166,12 +166,22 @@ pub struct SyntheticConfig {
     pub split: Split,
     /// Nominal number of samples (one epoch).
     pub len: usize,
+    /// Factor on every object's radius (1 = the default sizes; at most [`MAX_ZOOM`]), for small
+    /// images whose 16-pixel patches would otherwise hold a whole object.
+    pub zoom: f32,
+    /// Probability that a caption names no colour (only shapes, sizes and places), so that a contrastive
+    /// loss cannot match it by colour alone (0 = every caption names every colour).
+    pub colorless: f32,
 }
 
+/// The largest [`SyntheticConfig::zoom`]: the widest object still fits inside the image.
+pub const MAX_ZOOM: f32 = 2.0;
+
 impl Default for SyntheticConfig {
-    /// Seed 0, 64×64 pixels, the train split, 10 000 samples.
+    /// Seed 0, 64×64 pixels, the train split, 10 000 samples, default object sizes, colours in every
+    /// caption.
     fn default() -> Self {
-        SyntheticConfig { seed: 0, resolution: 64, split: Split::Train, len: 10_000 }
+        SyntheticConfig { seed: 0, resolution: 64, split: Split::Train, len: 10_000, zoom: 1.0, colorless: 0.0 }
     }
 }
 
@@ -201,8 +211,9 @@ impl SyntheticDataset {
     /// also past `len`, where the stream simply goes on with new scenes.
     pub fn get(&self, index: usize) -> Sample {
         let mut rng = self.rng(index);
-        let scene = Scene::generate(self.config.split, &mut rng);
-        let caption = caption(&scene, &mut rng);
+        let scene = Scene::generate(self.config.split, self.config.zoom, &mut rng);
+        let colorless = self.config.colorless > 0.0 && rng.random_bool(self.config.colorless as f64);
+        let caption = caption(&scene, colorless, &mut rng);
         let image = render(&scene, self.config.resolution, &mut rng);
         let SyntheticConfig { seed, split, .. } = self.config;
         Sample { key: format!("synthetic-{split}-{seed}-{index}"), image, caption, labels: scene.labels() }
@@ -211,7 +222,7 @@ impl SyntheticDataset {
     /// The ground truth of sample `index`: every object's shape, colour and size word, main object
     /// first (what its caption describes, with every size given).
     pub fn describe(&self, index: usize) -> SceneDescription {
-        Scene::generate(self.config.split, &mut self.rng(index)).description()
+        Scene::generate(self.config.split, self.config.zoom, &mut self.rng(index)).description()
     }
 
     /// The generator of sample `index`, seeded from a hash of (seed, split, index).
@@ -361,19 +372,19 @@ struct Scene {
 }
 
 impl Scene {
-    /// Draws a scene of `split`: one to three non-overlapping objects, the first (main) one
-    /// strictly the largest when there are several, on a background that contrasts with them all.
-    fn generate(split: Split, rng: &mut ChaCha8Rng) -> Scene {
+    /// Draws a scene of `split`: one to three non-overlapping objects (radii × `zoom`), the first (main)
+    /// one strictly the largest when there are several, on a background that contrasts with them all.
+    fn generate(split: Split, zoom: f32, rng: &mut ChaCha8Rng) -> Scene {
         let count = rng.random_range(1..=3);
         let main_size = if count == 1 { rng.random_range(0..SIZES.len()) } else { rng.random_range(1..SIZES.len()) };
         let main_pair = match split {
             Split::Novel => *pick(rng, &HELD_OUT),
             Split::Train | Split::HeldOut => seen_pair(rng),
         };
-        let mut objects = vec![new_object(main_pair, main_size, rng)];
+        let mut objects = vec![new_object(main_pair, main_size, zoom, rng)];
         for _ in 1..count {
             let size = rng.random_range(0..main_size);
-            let mut object = new_object(seen_pair(rng), size, rng);
+            let mut object = new_object(seen_pair(rng), size, zoom, rng);
             if place(&mut object, &objects, rng) {
                 objects.push(object);
             }
@@ -408,12 +419,13 @@ fn seen_pair(rng: &mut ChaCha8Rng) -> (usize, usize) {
     }
 }
 
-/// An object of the given composition and size with a jittered colour, placed anywhere inside
-/// the image.
-fn new_object((shape, color): (usize, usize), size: usize, rng: &mut ChaCha8Rng) -> Object {
+/// An object of the given composition and size (its radius × `zoom`) with a jittered colour, placed
+/// anywhere inside the image.
+fn new_object((shape, color): (usize, usize), size: usize, zoom: f32, rng: &mut ChaCha8Rng) -> Object {
     let (low, high) = RADII[size];
     let rgb = COLOR_RGB[color].map(|value| (value + rng.random_range(-COLOR_JITTER..=COLOR_JITTER)).clamp(0.0, 255.0));
-    let mut object = Object { shape, color, size, center: [0.5; 2], radius: rng.random_range(low..high), rgb };
+    let radius = rng.random_range(low..high) * zoom;
+    let mut object = Object { shape, color, size, center: [0.5; 2], radius, rgb };
     object.center = random_center(object.reach(), rng);
     object
 }
@@ -663,9 +675,16 @@ fn region_phrase(object: &Object) -> Option<&'static str> {
 /// Openings of full-sentence captions.
 const PREFIXES: [&str; 6] = ["", "", "a photo of ", "an image of ", "a picture of ", "a drawing of "];
 
-/// A caption of the scene in one of several wordings, main object first.
-fn caption(scene: &Scene, rng: &mut ChaCha8Rng) -> String {
-    let objects = &scene.objects;
+/// A caption of the scene in one of several wordings, main object first; without colour words when
+/// `colorless`.
+fn caption(scene: &Scene, colorless: bool, rng: &mut ChaCha8Rng) -> String {
+    let described: Vec<Object>;
+    let objects = if colorless {
+        described = scene.objects.iter().map(|o| Object { color: NO_COLOR, ..o.clone() }).collect();
+        &described
+    } else {
+        &scene.objects
+    };
     let template = rng.random_range(0..5);
     if template == 0 {
         return finish(terse(objects, rng), rng);
@@ -694,15 +713,22 @@ fn finish(mut text: String, rng: &mut ChaCha8Rng) -> String {
     text
 }
 
-/// "[size] colour shape" in caption words, the size given half of the time.
+/// "[size] colour shape" in caption words, the size given half of the time; "[size] shape" for an
+/// object described without its colour ([`NO_COLOR`]).
 fn bare_phrase(object: &Object, rng: &mut ChaCha8Rng) -> String {
-    let color = pick(rng, COLOR_WORDS[object.color]);
+    let color = match object.color {
+        NO_COLOR => String::new(),
+        c => format!("{} ", pick(rng, COLOR_WORDS[c])),
+    };
     let shape = pick(rng, SHAPE_WORDS[object.shape]);
     match rng.random_bool(0.5) {
-        true => format!("{} {color} {shape}", pick(rng, SIZE_WORDS[object.size])),
-        false => format!("{color} {shape}"),
+        true => format!("{} {color}{shape}", pick(rng, SIZE_WORDS[object.size])),
+        false => format!("{color}{shape}"),
     }
 }
+
+/// The colour id of an object its caption describes without colour.
+const NO_COLOR: usize = usize::MAX;
 
 /// The bare phrase with its indefinite article.
 fn noun_phrase(object: &Object, rng: &mut ChaCha8Rng) -> String {
@@ -881,7 +907,7 @@ mod tests {
     fn objects_are_visible_and_relations_hold_in_the_pixels() {
         for index in 0..400 {
             let mut rng = ChaCha8Rng::seed_from_u64(index);
-            let scene = Scene::generate(Split::Train, &mut rng);
+            let scene = Scene::generate(Split::Train, 1.0, &mut rng);
             let image = render(&scene, 128, &mut rng);
             let centroids: Vec<[f32; 2]> = scene
                 .objects
@@ -911,7 +937,7 @@ mod tests {
     #[test]
     fn backgrounds_contrast_with_every_object() {
         for index in 0..3000 {
-            let scene = Scene::generate(Split::Train, &mut ChaCha8Rng::seed_from_u64(index));
+            let scene = Scene::generate(Split::Train, 1.0, &mut ChaCha8Rng::seed_from_u64(index));
             for object in &scene.objects {
                 assert!(scene.background.color_distance(&object.rgb) >= MIN_CONTRAST, "scene {index}");
             }

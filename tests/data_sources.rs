@@ -86,7 +86,7 @@ fn write_shards_then_read_gives_the_same_samples() {
     assert_eq!(names, ["000000.tar", "000001.tar", "000002.tar"]);
     assert_eq!((report.samples, report.skipped), (20, SkipCounts::default()));
 
-    let config = SyntheticConfig { seed: 3, resolution: 32, split: Split::Train, len: 20 };
+    let config = SyntheticConfig { seed: 3, resolution: 32, split: Split::Train, len: 20, ..Default::default() };
     let dataset = SyntheticDataset::new(config);
     let expected: Vec<Sample> = (0..20).map(|i| dataset.get(i)).collect();
     let read = collect(source::open(&shard_pattern(&out, 3), &StreamOptions::default()).unwrap());
@@ -496,12 +496,19 @@ fn specs_parse() {
     let parsed = source::parse("synthetic").unwrap();
     assert_eq!(parsed, SourceSpec::Synthetic(SyntheticConfig::default()));
     let parsed = source::parse("synthetic:novel?n=5&res=32&seed=7").unwrap();
-    let expected = SyntheticConfig { seed: 7, resolution: 32, split: Split::Novel, len: 5 };
+    let expected = SyntheticConfig { seed: 7, resolution: 32, split: Split::Novel, len: 5, ..Default::default() };
     assert_eq!(parsed, SourceSpec::Synthetic(expected));
     assert_eq!(
         source::parse("synthetic:val").unwrap(),
         SourceSpec::Synthetic(SyntheticConfig { split: Split::HeldOut, ..SyntheticConfig::default() })
     );
+    let parsed = source::parse("synthetic?zoom=2&colorless=0.25").unwrap();
+    let expected = SyntheticConfig { zoom: 2.0, colorless: 0.25, ..SyntheticConfig::default() };
+    assert_eq!(parsed, SourceSpec::Synthetic(expected));
+    for bad in ["synthetic?zoom=3", "synthetic?zoom=0.1", "synthetic?colorless=1.5", "synthetic?colorless=x"] {
+        let e = format!("{:#}", source::parse(bad).unwrap_err());
+        assert!(e.contains("zoom") || e.contains("colorless"), "{bad}: {e}");
+    }
     for bad in ["synthetic:nope", "synthetic?n=-1", "synthetic?size=3", "synthetic?n", "a.tar?x=1"] {
         let err = source::parse(bad).unwrap_err();
         let text = format!("{err:#}");

@@ -8,7 +8,7 @@ use vtp::data::synthetic::*;
 use vtp::data::Sample;
 
 fn dataset(seed: u64, split: Split, resolution: u32) -> SyntheticDataset {
-    SyntheticDataset::new(SyntheticConfig { seed, resolution, split, len: 10_000 })
+    SyntheticDataset::new(SyntheticConfig { seed, resolution, split, len: 10_000, ..Default::default() })
 }
 
 const SPLITS: [Split; 3] = [Split::Train, Split::HeldOut, Split::Novel];
@@ -184,4 +184,54 @@ fn generates_thousands_of_64px_images_per_second() {
     println!("synthetic 64x64: {rate:.0} images/s on one thread");
     assert_eq!(bytes, count * 64 * 64 * 3);
     assert!(rate > 200.0, "{rate:.0} images/s");
+}
+
+/// Pixels within 40 levels (summed over RGB) of the main object's nominal colour (backgrounds keep
+/// at least 100 away from every object's colour).
+fn main_object_pixels(sample: &Sample) -> usize {
+    const RGB: [[i32; 3]; 8] = [
+        [215, 40, 40],
+        [40, 165, 60],
+        [40, 85, 215],
+        [240, 205, 35],
+        [140, 55, 185],
+        [245, 135, 25],
+        [245, 245, 245],
+        [20, 20, 20],
+    ];
+    let target = RGB[sample.labels["color"] as usize];
+    let near = |p: &image::Rgb<u8>| p.0.iter().zip(target).map(|(&v, t)| (v as i32 - t).abs()).sum::<i32>() < 40;
+    sample.image.pixels().filter(|p| near(p)).count()
+}
+
+#[test]
+fn zoom_scales_the_objects_and_keeps_the_main_object() {
+    let plain = dataset(0, Split::Train, 64);
+    let zoomed = SyntheticDataset::new(SyntheticConfig { zoom: 2.0, ..SyntheticConfig::default() });
+    let (mut small, mut large) = (0, 0);
+    for index in 0..50 {
+        let (a, b) = (plain.get(index), zoomed.get(index));
+        // The main object is drawn first; the others may find no room at twice the size.
+        assert_eq!(a.labels, b.labels, "index {index}: zoom keeps the main object");
+        small += main_object_pixels(&a);
+        large += main_object_pixels(&b);
+    }
+    // Twice the radius, four times the area (less where other objects of the colour drop out).
+    assert!(large as f64 > 3.0 * small as f64, "main objects cover {large} pixels at zoom 2, {small} at zoom 1");
+}
+
+#[test]
+fn colorless_captions_name_shapes_but_no_colour() {
+    let data = SyntheticDataset::new(SyntheticConfig { colorless: 1.0, ..SyntheticConfig::default() });
+    let colour_words = ["red", "scarlet", "green", "blue", "yellow", "purple", "violet", "orange", "white", "black"];
+    for index in 0..100 {
+        let sample = data.get(index);
+        let words: Vec<String> =
+            sample.caption.to_lowercase().split(|c: char| !c.is_alphanumeric()).map(String::from).collect();
+        assert!(!colour_words.iter().any(|c| words.iter().any(|w| w == c)), "{index}: '{}'", sample.caption);
+        assert!(!sample.caption.is_empty());
+    }
+    let half = SyntheticDataset::new(SyntheticConfig { colorless: 0.5, ..SyntheticConfig::default() });
+    let with_colour = (0..200).filter(|&i| parse_caption(&half.get(i).caption).is_some()).count();
+    assert!((60..=140).contains(&with_colour), "{with_colour} of 200 captions name their colours");
 }

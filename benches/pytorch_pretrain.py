@@ -296,9 +296,15 @@ class State:
             _, patches, grid = trunk_forward(self.pv, m.trunk, b["recon"], None, True)
             bsz, _, ch = patches.shape
             reconstruction = m.get_latents_decoded_images(patches.transpose(1, 2).reshape(bsz, ch, *grid))
-        rec = F.l1_loss(reconstruction.float(), b["recon"])
+        rec_l1 = F.l1_loss(reconstruction.float(), b["recon"])
+        terms.append(("rec_l1", rec_l1))
+        rec = rec_l1
+        if l.get("l2_weight", 0.0):  # vtp-rs's L2 term (`loss.l2_weight`)
+            rec_l2 = F.mse_loss(reconstruction.float(), b["recon"])
+            terms.append(("rec_l2", rec_l2))
+            rec = rec_l1 + rec_l2 * l["l2_weight"]
         total = total + rec * l["lambda_rec"]
-        terms += [("rec_l1", rec), ("rec", rec)]
+        terms.append(("rec", rec))
         return total, terms
 
     def step(self, b, sv):
@@ -463,7 +469,8 @@ def bench_config(pv, a):
     model = pv.make_config(a.preset if a.preset in pv.PRESETS else None, over)
     return dict(model=model, objectives="all", data=dict(n_local_crops=a.n_local_crops),
                 loss=dict(lambda_rec=0.1, lambda_ssl=1.0, lambda_clip=1.0, dino_weight=1.0, ibot_weight=1.0,
-                          koleo_weight=0.1, centering=a.centering, student_temp=0.1, center_momentum=0.9),
+                          koleo_weight=0.1, centering=a.centering, student_temp=0.1, center_momentum=0.9,
+                          l2_weight=a.l2_weight),
                 dino_head=dict(out_dim=a.out_dim, hidden_dim=a.hidden_dim, bottleneck_dim=a.bottleneck_dim),
                 optim=dict(beta1=0.9, beta2=0.999, eps=1e-8, clip_grad=3.0, layer_decay=0.9, patch_embed_lr_mult=0.2))
 
@@ -549,6 +556,7 @@ def main():
     ap.add_argument("--local-size", type=int, default=96)
     ap.add_argument("--n-local-crops", type=int, default=8)
     ap.add_argument("--recon-size", type=int, default=256)
+    ap.add_argument("--l2-weight", type=float, default=0.0, help="weight of the L2 reconstruction term (loss.l2_weight)")
     ap.add_argument("--out-dim", type=int, default=65536)
     ap.add_argument("--hidden-dim", type=int, default=2048)
     ap.add_argument("--bottleneck-dim", type=int, default=256)

@@ -189,18 +189,8 @@ fn generates_thousands_of_64px_images_per_second() {
 /// Pixels within 40 levels (summed over RGB) of the main object's nominal colour (backgrounds keep
 /// at least 100 away from every object's colour).
 fn main_object_pixels(sample: &Sample) -> usize {
-    const RGB: [[i32; 3]; 8] = [
-        [215, 40, 40],
-        [40, 165, 60],
-        [40, 85, 215],
-        [240, 205, 35],
-        [140, 55, 185],
-        [245, 135, 25],
-        [245, 245, 245],
-        [20, 20, 20],
-    ];
-    let target = RGB[sample.labels["color"] as usize];
-    let near = |p: &image::Rgb<u8>| p.0.iter().zip(target).map(|(&v, t)| (v as i32 - t).abs()).sum::<i32>() < 40;
+    let target = COLOR_RGB[sample.labels["color"] as usize];
+    let near = |p: &image::Rgb<u8>| p.0.iter().zip(target).map(|(&v, t)| (v as f32 - t).abs()).sum::<f32>() < 40.0;
     sample.image.pixels().filter(|p| near(p)).count()
 }
 

@@ -166,6 +166,8 @@ fn tokenizer_and_dit(
             format!("eval.every={steps}"),
             format!("eval.grid_every={steps}"),
             format!("checkpoint.every={steps}"),
+            // The experiment runs its own probes (`vtp eval`) on more images.
+            "eval.probe_source=".to_string(),
         ]);
         c.args(&plan.pretrain_overrides);
     })?;

@@ -67,7 +67,7 @@ const COLOR_WORDS: [&[&str]; 8] = [
 const SIZE_WORDS: [&[&str]; 3] = [&["small", "little", "tiny"], &["medium", "medium-sized"], &["large", "big"]];
 
 /// sRGB value of each colour, before a small per-object jitter.
-const COLOR_RGB: [[f32; 3]; 8] = [
+pub const COLOR_RGB: [[f32; 3]; 8] = [
     [215.0, 40.0, 40.0],
     [40.0, 165.0, 60.0],
     [40.0, 85.0, 215.0],

@@ -299,4 +299,29 @@ fn recon_loss_is_l1_plus_lpips_with_gradients_to_the_reconstruction() {
     assert!(terms.lpips.is_none() && terms.total.equal(&terms.l1));
     let (default, note) = ReconLoss::load_default(Device::Cpu);
     assert_eq!(default.has_lpips(), note.is_none(), "note: {note:?}");
+
+    // The L2 term (`loss.l2_weight`): the mean squared error of the normalised tensors, weighted into the total.
+    let with_l2 = ReconLoss::new(None).with_l2(0.5).forward(&target, &reconstruction).unwrap();
+    let mse = (&reconstruction - &target).square().mean(tch::Kind::Float);
+    let l2 = with_l2.l2.as_ref().expect("an L2 term");
+    assert!(l2.allclose(&mse, 1e-6, 1e-7, false), "L2 {l2} vs MSE {mse}");
+    assert!(with_l2.total.allclose(&(&with_l2.l1 + &mse * 0.5), 1e-6, 1e-7, false));
+    assert!(terms.l2.is_none(), "no L2 term without a weight");
+}
+
+/// A step without masked patches (a few images per process) leaves the iBOT centre as it was, finite,
+/// instead of averaging an empty set into NaN; with patches it moves.
+#[test]
+fn ibot_centre_survives_a_step_without_masked_patches() {
+    let dp = DataParallel::single();
+    let mut ibot = IbotPatchLoss::new(8, 0.1, 0.9, Device::Cpu);
+    ibot.center = Tensor::full([1, 1, 8], 0.5, (Kind::Float, Device::Cpu));
+    let before = ibot.center.copy();
+    let none = Tensor::zeros([0, 8], (Kind::Float, Device::Cpu));
+    let targets = ibot.teacher_targets(&none, 0.04, TeacherCentering::Centering, &dp).unwrap();
+    assert_eq!(targets.size(), [0, 8]);
+    assert!(ibot.center.equal(&before), "centre {} after an empty step", ibot.center);
+    ibot.update_center(&Tensor::ones([3, 8], (Kind::Float, Device::Cpu)), &dp).unwrap();
+    let want = Tensor::full([1, 1, 8], 0.55, (Kind::Float, Device::Cpu));
+    assert!(ibot.center.allclose(&want, 1e-6, 1e-7, false), "centre {}", ibot.center);
 }

@@ -134,7 +134,7 @@ fn write_config<C: RunConfig>(dir: &Path, config: &C) -> Result<()> {
 }
 
 /// The reconstruction loss of a run whose config asks for LPIPS when `*lpips`: without its weights,
-/// L1 only, said once, and `*lpips` set to false so the run records it.
+/// no LPIPS term, said once, and `*lpips` set to false so the run records it.
 pub fn recon_loss(lpips: &mut bool, device: Device) -> ReconLoss {
     if !*lpips {
         return ReconLoss::new(None);

@@ -15,7 +15,7 @@ pub const UNIFORM_FRACTION: f64 = 0.95;
 pub const PATIENCE: u64 = 20;
 
 /// Mean over the rows of `targets` (`[rows, K]`, each a distribution) of the entropy `-Σ_k t_k ln t_k`,
-/// in nats (`0 ln 0 = 0`).
+/// in nats (`0 ln 0 = 0`); NaN without rows.
 pub fn mean_entropy(targets: &Tensor) -> f64 {
     tch::no_grad(|| {
         let t = targets.to_kind(Kind::Float);

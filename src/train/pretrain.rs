@@ -71,7 +71,7 @@ pub struct Pretrainer {
 impl Pretrainer {
     /// A freshly initialised student (seeded by `train.seed`), its teacher copy and the optimiser;
     /// over several processes every rank starts from rank 0's weights. `recon` is the reconstruction
-    /// loss (LPIPS or L1 only).
+    /// loss (L1, with LPIPS and L2 when configured).
     pub fn new(config: PretrainConfig, recon: ReconLoss, device: Device, dp: Arc<DataParallel>) -> Result<Self> {
         tch::manual_seed(config.train.seed as i64);
         let model = VtpModel::new(config.model.clone(), device)?;
@@ -377,11 +377,12 @@ impl PretrainRun {
     fn scalars(&self, losses: &Losses, sv: &ScheduleValues, grad_norm: f64) -> Result<Vec<(String, f64)>> {
         let mut names = vec!["loss/total".to_string()];
         names.extend(losses.terms.iter().map(|(k, _)| format!("loss/{k}")));
-        names.extend(losses.diagnostics.iter().map(|(k, _)| format!("ssl/{k}")));
         let mut values = vec![losses.total.double_value(&[])];
         values.extend(losses.terms.iter().map(|(_, v)| v.double_value(&[])));
-        values.extend(losses.diagnostics.iter().map(|(_, v)| *v));
         let mut out: Vec<(String, f64)> = names.into_iter().zip(self.trainer.dp.mean(&values)?).collect();
+        let diagnostics: Vec<f64> = losses.diagnostics.iter().map(|(_, v)| *v).collect();
+        let names = losses.diagnostics.iter().map(|(k, _)| format!("ssl/{k}"));
+        out.extend(names.zip(finite_mean(&self.trainer.dp, &diagnostics)?));
         if !losses.diagnostics.is_empty() {
             out.push(("ssl/ln_k".to_string(), self.alarm.ln_k()));
         }
@@ -398,6 +399,16 @@ impl PretrainRun {
         }
         Ok(out)
     }
+}
+
+/// The mean over the ranks of each of `values`, leaving out the ranks where it is not finite (the iBOT
+/// targets' entropy of a rank without masked patches); NaN where no rank has a finite value.
+fn finite_mean(dp: &DataParallel, values: &[f64]) -> Result<Vec<f64>> {
+    let mut sums: Vec<f64> = values.iter().map(|v| if v.is_finite() { *v } else { 0.0 }).collect();
+    sums.extend(values.iter().map(|v| if v.is_finite() { 1.0 } else { 0.0 }));
+    let means = dp.mean(&sums)?;
+    let (totals, counts) = means.split_at(values.len());
+    Ok(totals.iter().zip(counts).map(|(t, c)| if *c > 0.0 { t / c } else { f64::NAN }).collect())
 }
 
 /// This rank's share of the global batch sizes `b` (each divided by the world size).

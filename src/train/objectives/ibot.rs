@@ -38,13 +38,21 @@ impl IbotPatchLoss {
 
     /// Centre EMA with the mean over the `M` masked patches (`[M, K]`). DINOv2 sees them as one `[1, M, K]`
     /// sequence: `batch_center = all_reduce(Σ_0 mean_1(h)) / (len(h) · world)` with `len(h) = 1` — the
-    /// mean of the processes' means (their masked counts may differ).
+    /// mean of the processes' means (their masked counts may differ). A process without masked patches
+    /// (possible at a few images per process) has no mean: it is left out of the average (DINOv2's would
+    /// be NaN and poison the centre for good), and when no process has any the centre stays.
     pub fn update_center(&mut self, teacher_masked: &Tensor, dp: &DataParallel) -> Result<()> {
-        let h = teacher_masked.unsqueeze(0);
-        let batch_sum = tch::no_grad(|| h.mean_dim(1, false, None).sum_dim_intlist(0, true, None));
-        dp.sum(&[batch_sum.shallow_clone()])?;
-        let count = h.size()[0] * dp.world() as i64;
-        self.center = center_ema(&self.center, &batch_sum, count, self.center_momentum);
+        let [m, k] = teacher_masked.size()[..] else { anyhow::bail!("masked teacher logits must be [M, K]") };
+        let batch_sum = match m {
+            0 => Tensor::zeros([1, 1, k], (Kind::Float, teacher_masked.device())),
+            _ => tch::no_grad(|| teacher_masked.unsqueeze(0).mean_dim(1, false, None).sum_dim_intlist(0, true, None)),
+        };
+        let with_patches = Tensor::from_slice(&[(m > 0) as i64 as f32]).to_device(teacher_masked.device());
+        dp.sum(&[batch_sum.shallow_clone(), with_patches.shallow_clone()])?;
+        let count = with_patches.double_value(&[0]).round() as i64;
+        if count > 0 {
+            self.center = center_ema(&self.center, &batch_sum, count, self.center_momentum);
+        }
         Ok(())
     }
 

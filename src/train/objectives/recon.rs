@@ -46,12 +46,12 @@ impl ReconLoss {
         Self { l2_weight: weight, ..self }
     }
 
-    /// The loss with LPIPS from [`Lpips::load_default`]; when the weights cannot be loaded, L1 only and a
+    /// The loss with LPIPS from [`Lpips::load_default`]; when the weights cannot be loaded, no LPIPS term and a
     /// one-line note saying why.
     pub fn load_default(device: Device) -> (Self, Option<String>) {
         match Lpips::load_default(device) {
             Ok(lpips) => (Self::new(Some(lpips)), None),
-            Err(e) => (Self::new(None), Some(format!("reconstruction loss is L1 only (no LPIPS): {e:#}"))),
+            Err(e) => (Self::new(None), Some(format!("no LPIPS term in the reconstruction loss: {e:#}"))),
         }
     }
 

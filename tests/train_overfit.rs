@@ -55,8 +55,8 @@ fn fixed_batch(c: &PretrainConfig) -> PretrainBatch {
 /// it and the losses of its first and last steps.
 fn overfit(c: &PretrainConfig, batch: &PretrainBatch) -> (Pretrainer, Losses, Losses) {
     tch::set_num_threads(2);
-    let recon = ReconLoss::new(None).with_l2(c.loss.l2_weight);
-    let mut trainer = Pretrainer::new(c.clone(), recon, Device::Cpu, Arc::new(DataParallel::single())).unwrap();
+    let mut trainer =
+        Pretrainer::new(c.clone(), ReconLoss::new(None), Device::Cpu, Arc::new(DataParallel::single())).unwrap();
     let schedules = Schedules::new(&c.schedule, c.train.steps).unwrap();
     let mut step = |s: u64| {
         tch::manual_seed(s as i64);

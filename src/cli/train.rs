@@ -154,7 +154,7 @@ pub fn pretrain(a: &PretrainArgs, device: Device) -> Result<()> {
         return Ok(());
     }
     let dir = a.run.run_dir()?;
-    let recon = recon_loss(&mut config.loss.lpips, device).with_l2(config.loss.l2_weight);
+    let recon = recon_loss(&mut config.loss.lpips, device);
     let summary = a.run.train(&dir, &config, |dp| {
         let trainer = PretrainRun::new(config.clone(), recon, device, dp)?;
         let opts = trainer.run_options();

@@ -71,7 +71,7 @@ pub struct Pretrainer {
 impl Pretrainer {
     /// A freshly initialised student (seeded by `train.seed`), its teacher copy and the optimiser;
     /// over several processes every rank starts from rank 0's weights. `recon` is the reconstruction
-    /// loss (L1, with LPIPS and L2 when configured).
+    /// loss (L1, with LPIPS or not), to which the config's L2 term (`loss.l2_weight`) is added here.
     pub fn new(config: PretrainConfig, recon: ReconLoss, device: Device, dp: Arc<DataParallel>) -> Result<Self> {
         tch::manual_seed(config.train.seed as i64);
         let model = VtpModel::new(config.model.clone(), device)?;
@@ -83,6 +83,7 @@ impl Pretrainer {
         let k = config.dino_head.out_dim;
         let dino = DinoLoss::new(k, loss.student_temp, loss.center_momentum, device);
         let ibot = IbotPatchLoss::new(k, loss.student_temp, loss.center_momentum, device);
+        let recon = recon.with_l2(loss.l2_weight);
         let o = &config.optim;
         let specs = dinov2_param_specs(
             student(&model, &head_vs),

@@ -4,10 +4,11 @@
 use super::config::EvalConfig;
 use crate::data::image::{prepare_rgb, Fit};
 use crate::data::source::{self, StreamOptions};
+use crate::data::Sample;
 use crate::eval::classnames;
 use crate::eval::linear_probe::{train_linear_probe, ProbeConfig, Protocol};
 use crate::eval::recon::{self, ReconMetrics};
-use crate::eval::zero_shot::{self, labelled_batches, squash_resize};
+use crate::eval::zero_shot::{self, squash_resize};
 use crate::model::VtpModel;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -31,15 +32,13 @@ pub fn online_evaluation(
 ) -> Result<Vec<(String, f64)>> {
     let _guard = tch::no_grad_guard();
     let mut out = Vec::new();
-    let sets = eval.classes.split(',').map(str::trim).filter(|s| !s.is_empty());
-    for set in sets {
-        if model.config.train_clip {
-            let z = zero_shot::evaluate_source(model, eval_source, set, eval.samples, 64, clip_size as u32, |_| {})?;
-            out.push((format!("eval/zero_shot_top1/{set}"), z.top1));
-        }
-        if !eval.probe_source.is_empty() {
-            out.extend(online_probes(model, eval_source, eval, set, clip_size as u32)?);
-        }
+    let sets: Vec<&str> = eval.classes.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    for set in sets.iter().filter(|_| model.config.train_clip) {
+        let z = zero_shot::evaluate_source(model, eval_source, set, eval.samples, 64, clip_size as u32, |_| {})?;
+        out.push((format!("eval/zero_shot_top1/{set}"), z.top1));
+    }
+    if !eval.probe_source.is_empty() && !sets.is_empty() {
+        out.extend(online_probes(model, eval_source, eval, &sets, clip_size as u32)?);
     }
     let metrics = ReconMetrics { inception: None, lpips: None, size: recon_size as u32, batch: 32 };
     let r = recon::evaluate_source(model, eval_source, eval.samples, &metrics, |_| {})?;
@@ -48,26 +47,29 @@ pub fn online_evaluation(
     Ok(out)
 }
 
-/// The linear probes of [`PROBE_PROTOCOLS`] for the labels of class set `set`: trained on the first
-/// `eval.probe_samples` images of `eval.probe_source`, scored on the first `eval.samples` of
-/// `eval_source`, every image squashed to `size` as for zero-shot.
+/// The linear probes of [`PROBE_PROTOCOLS`] for the labels of every class set of `sets`: trained on the
+/// first `eval.probe_samples` images of `eval.probe_source`, scored on the first `eval.samples` of
+/// `eval_source`, every image squashed to `size` as for zero-shot. Each image's features are extracted
+/// once and serve every set.
 fn online_probes(
     model: &VtpModel,
     eval_source: &str,
     eval: &EvalConfig,
-    set: &str,
+    sets: &[&str],
     size: u32,
 ) -> Result<Vec<(String, f64)>> {
-    let classes = classnames::resolve_for_data(set, eval_source)?;
-    let train = probe_features(model, &eval.probe_source, eval.probe_samples, &classes.label_key, size)?;
-    let val = probe_features(model, eval_source, eval.samples, &classes.label_key, size)?;
+    let classes = sets.iter().map(|set| classnames::resolve_for_data(set, eval_source)).collect::<Result<Vec<_>>>()?;
+    let keys: Vec<&str> = classes.iter().map(|c| c.label_key.as_str()).collect();
+    let train = probe_features(model, &eval.probe_source, eval.probe_samples, &keys, size)?;
+    let val = probe_features(model, eval_source, eval.samples, &keys, size)?;
     let config = ProbeConfig { epochs: PROBE_EPOCHS, ..ProbeConfig::default() };
-    let n_classes = Some(classes.class_names.len());
     let mut out = Vec::new();
-    for (i, protocol) in PROBE_PROTOCOLS.iter().enumerate() {
-        let (train, val) = ((&train.0[i], &train.1), (&val.0[i], &val.1));
-        let r = train_linear_probe(train, val, n_classes, &config, &protocol.description())?;
-        out.push((format!("eval/probe_top1/{set}/{}", protocol.name()), r.top1));
+    for (s, (set, c)) in sets.iter().zip(&classes).enumerate() {
+        for (p, protocol) in PROBE_PROTOCOLS.iter().enumerate() {
+            let (train, val) = ((&train.0[p], &train.1[s]), (&val.0[p], &val.1[s]));
+            let r = train_linear_probe(train, val, Some(c.class_names.len()), &config, &protocol.description())?;
+            out.push((format!("eval/probe_top1/{set}/{}", protocol.name()), r.top1));
+        }
     }
     Ok(out)
 }
@@ -75,29 +77,46 @@ fn online_probes(
 /// Epochs of the online linear probes (the rows are few, so more passes than §5.2's 10).
 const PROBE_EPOCHS: usize = 30;
 
-/// The features of each of [`PROBE_PROTOCOLS`] and the `label_key` labels of the first `limit` samples
-/// of `spec`, squashed to `size`.
+/// Images per forward pass of the probe features.
+const PROBE_BATCH: usize = 64;
+
+/// The features of each of [`PROBE_PROTOCOLS`] and the labels under each of `label_keys` of the first
+/// `limit` samples of `spec`, squashed to `size`; a sample without one of the labels is an error naming it.
 fn probe_features(
     model: &VtpModel,
     spec: &str,
     limit: usize,
-    label_key: &str,
+    label_keys: &[&str],
     size: u32,
-) -> Result<(Vec<Tensor>, Tensor)> {
-    let stream = source::open(spec, &StreamOptions::default())?.take(limit);
+) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let samples: Vec<Sample> = source::open(spec, &StreamOptions::default())?.take(limit).collect::<Result<_>>()?;
+    if samples.is_empty() {
+        bail!("the linear-probe source '{spec}' yields no images");
+    }
     let mut features: Vec<Vec<Tensor>> = PROBE_PROTOCOLS.iter().map(|_| Vec::new()).collect();
-    let mut labels = Vec::new();
-    for batch in labelled_batches(stream, label_key, 64, |img| squash_resize(img, size)) {
-        let (images, batch_labels) = batch?;
+    for chunk in samples.chunks(PROBE_BATCH) {
+        let images = chunk
+            .iter()
+            .map(|s| {
+                let img = squash_resize(&s.image, size).with_context(|| format!("sample '{}'", s.key))?;
+                Ok(Tensor::from_slice(&img.data).view([3, img.height as i64, img.width as i64]))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let images = Tensor::stack(&images, 0);
         for (f, protocol) in features.iter_mut().zip(PROBE_PROTOCOLS) {
             f.push(protocol.features(model, &images)?.to_device(Device::Cpu));
         }
-        labels.extend(batch_labels);
     }
-    if labels.is_empty() {
-        bail!("the linear-probe source '{spec}' yields no images");
-    }
-    Ok((features.iter().map(|f| Tensor::cat(f, 0)).collect(), Tensor::from_slice(&labels)))
+    let labels = label_keys
+        .iter()
+        .map(|key| {
+            let of = |s: &Sample| {
+                s.labels.get(*key).copied().with_context(|| format!("sample '{}' has no label '{key}'", s.key))
+            };
+            Ok(Tensor::from_slice(&samples.iter().map(of).collect::<Result<Vec<i64>>>()?))
+        })
+        .collect::<Result<_>>()?;
+    Ok((features.iter().map(|f| Tensor::cat(f, 0)).collect(), labels))
 }
 
 /// A run's reconstruction grids: the first `n` held-out images of a source, centre-cropped to

@@ -505,9 +505,20 @@ fn specs_parse() {
     let parsed = source::parse("synthetic?zoom=2&colorless=0.25").unwrap();
     let expected = SyntheticConfig { zoom: 2.0, colorless: 0.25, ..SyntheticConfig::default() };
     assert_eq!(parsed, SourceSpec::Synthetic(expected));
-    for bad in ["synthetic?zoom=3", "synthetic?zoom=0.1", "synthetic?colorless=1.5", "synthetic?colorless=x"] {
+    let parsed = source::parse("synthetic:heldout?group=4").unwrap();
+    let expected = SyntheticConfig { group: 4, split: Split::HeldOut, ..SyntheticConfig::default() };
+    assert_eq!(parsed, SourceSpec::Synthetic(expected));
+    for bad in [
+        "synthetic?zoom=3",
+        "synthetic?zoom=0.1",
+        "synthetic?colorless=1.5",
+        "synthetic?colorless=x",
+        "synthetic?group=0",
+        "synthetic?group=7",
+        "synthetic:novel?group=2",
+    ] {
         let e = format!("{:#}", source::parse(bad).unwrap_err());
-        assert!(e.contains("zoom") || e.contains("colorless"), "{bad}: {e}");
+        assert!(["zoom", "colorless", "group"].iter().any(|k| e.contains(k)) && !e.contains('\n'), "{bad}: {e}");
     }
     for bad in ["synthetic:nope", "synthetic?n=-1", "synthetic?size=3", "synthetic?n", "a.tar?x=1"] {
         let err = source::parse(bad).unwrap_err();

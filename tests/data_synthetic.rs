@@ -211,6 +211,34 @@ fn zoom_scales_the_objects_and_keeps_the_main_object() {
 }
 
 #[test]
+fn a_hard_negative_group_is_one_scene_whose_main_object_changes_shape() {
+    let grouped = SyntheticDataset::new(SyntheticConfig { group: 4, ..SyntheticConfig::default() });
+    for group in 0..25 {
+        let members: Vec<Sample> = (4 * group..4 * group + 4).map(|i| grouped.get(i)).collect();
+        let shapes: BTreeSet<i64> = members.iter().map(|s| s.labels["shape"]).collect();
+        assert_eq!(shapes.len(), 4, "group {group}: four different main shapes");
+        for (i, sample) in members.iter().enumerate() {
+            let (shape, color) = (sample.labels["shape"], sample.labels["color"]);
+            assert_eq!(color, members[0].labels["color"], "group {group}: one colour");
+            assert!(!is_held_out(shape as usize, color as usize), "group {group}: only seen compositions");
+            let told = parse_caption(&sample.caption).expect("a described object");
+            assert_eq!(told.objects[0].0, shape as usize, "group {group}.{i}: '{}'", sample.caption);
+            // The same scene: only the main object's pixels and the caption's main shape differ.
+            let other = &members[(i + 1) % 4];
+            let other_told = parse_caption(&other.caption).expect("a described object");
+            assert_eq!(told.objects[0].1, other_told.objects[0].1, "'{}' vs '{}'", sample.caption, other.caption);
+            assert_eq!(told.objects[1..], other_told.objects[1..], "'{}' vs '{}'", sample.caption, other.caption);
+            let differing = sample.image.pixels().zip(other.image.pixels()).filter(|(a, b)| a != b).count();
+            assert!(differing > 0 && differing < 64 * 64 / 2, "group {group}: {differing} pixels differ");
+        }
+        let next = grouped.get(4 * group + 4);
+        assert_ne!(members[0].image, next.image, "group {group} and the next are different scenes");
+    }
+    let ungrouped = SyntheticDataset::new(SyntheticConfig { group: 1, ..SyntheticConfig::default() });
+    assert_eq!(ungrouped.get(5), dataset(0, Split::Train, 64).get(5), "group = 1 is the plain dataset");
+}
+
+#[test]
 fn colorless_captions_name_shapes_but_no_colour() {
     let data = SyntheticDataset::new(SyntheticConfig { colorless: 1.0, ..SyntheticConfig::default() });
     let colour_words = ["red", "scarlet", "green", "blue", "yellow", "purple", "violet", "orange", "white", "black"];

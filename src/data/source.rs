@@ -1,8 +1,9 @@
 //! Sample sources behind one SPEC string, and the sharded, shuffled, resumable stream over them.
 //!
 //! SPEC forms ([`parse`]):
-//! - `synthetic[:train|heldout|novel][?n=10000&res=64&seed=0&zoom=1&colorless=0]`: the built-in synthetic scenes
-//!   (`zoom`: a factor on the object sizes; `colorless`: the share of captions without colour words);
+//! - `synthetic[:train|heldout|novel][?n=10000&res=64&seed=0&zoom=1&colorless=0&group=1]`: the built-in
+//!   synthetic scenes (`zoom`: a factor on the object sizes; `colorless`: the share of captions without
+//!   colour words; `group`: hard-negative groups of consecutive scenes that differ only in the main shape);
 //! - a `.tar` / `.tar.gz` / `.tgz` path, a brace pattern (`shards/{000..099}.tar`), a comma list
 //!   of these, or `http(s)://` URL(s): WebDataset shards ([`super::webdataset`]);
 //! - a directory `DIR[?captions=FILE&template=T]`: images with a captions file (`?captions=`, else
@@ -37,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use super::folder::{
     find_captions_file, has_class_folders, missing_class_folders, CaptionFolder, ClassFolder, CLASS_CAPTION_TEMPLATE,
 };
-use super::synthetic::{Split, SyntheticConfig, SyntheticDataset, MAX_ZOOM};
+use super::synthetic::{Split, SyntheticConfig, SyntheticDataset, MAX_GROUP, MAX_ZOOM};
 use super::webdataset::{expand_shard_list, is_url, ShardWriter, WebDataset};
 use super::Sample;
 
@@ -244,8 +245,12 @@ fn parse_synthetic(rest: &str) -> Result<SourceSpec> {
             "seed" => config.seed = value.parse().with_context(number)?,
             "zoom" => config.zoom = parse_zoom(value)?,
             "colorless" => config.colorless = parse_probability(key, value)?,
-            _ => bail!("unknown option '{key}' (expected n, res, seed, zoom, colorless)"),
+            "group" => config.group = parse_group(value)?,
+            _ => bail!("unknown option '{key}' (expected n, res, seed, zoom, colorless, group)"),
         }
+    }
+    if config.group > 1 && config.split == Split::Novel {
+        bail!("'group' needs the train or heldout split: a novel scene's main shape is its held-out pair");
     }
     Ok(SourceSpec::Synthetic(config))
 }
@@ -255,6 +260,14 @@ fn parse_zoom(value: &str) -> Result<f32> {
     match value.parse::<f32>() {
         Ok(z) if (0.25..=MAX_ZOOM).contains(&z) => Ok(z),
         _ => bail!("'zoom' must be a number from 0.25 to {MAX_ZOOM}, got '{value}'"),
+    }
+}
+
+/// The `group` option of a synthetic SPEC: a hard-negative group size in `[1, MAX_GROUP]`.
+fn parse_group(value: &str) -> Result<usize> {
+    match value.parse::<usize>() {
+        Ok(g) if (1..=MAX_GROUP).contains(&g) => Ok(g),
+        _ => bail!("'group' must be an integer from 1 to {MAX_GROUP}, got '{value}'"),
     }
 }
 

@@ -21,6 +21,7 @@ use std::str::FromStr;
 
 use anyhow::{bail, Error};
 use image::RgbImage;
+use rand::seq::SliceRandom;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -172,16 +173,32 @@ pub struct SyntheticConfig {
     /// Probability that a caption names no colour (only shapes, sizes and places), so that a contrastive
     /// loss cannot match it by colour alone (0 = every caption names every colour).
     pub colorless: f32,
+    /// Hard negatives: consecutive indices in groups of `group` (from 2 to [`MAX_GROUP`]) show one scene
+    /// whose main object takes a different shape in each, so that captions differ only in that shape
+    /// word (1 = independent scenes). A contrastive batch holds whole groups when the stream is
+    /// unshuffled and the batch a multiple of `group`. Train and held-out splits only.
+    pub group: usize,
 }
 
 /// The largest [`SyntheticConfig::zoom`]: the widest object still fits inside the image.
 pub const MAX_ZOOM: f32 = 2.0;
 
+/// The largest [`SyntheticConfig::group`]: every colour has at least this many seen shapes.
+pub const MAX_GROUP: usize = 6;
+
 impl Default for SyntheticConfig {
     /// Seed 0, 64×64 pixels, the train split, 10 000 samples, default object sizes, colours in every
-    /// caption.
+    /// caption, independent scenes.
     fn default() -> Self {
-        SyntheticConfig { seed: 0, resolution: 64, split: Split::Train, len: 10_000, zoom: 1.0, colorless: 0.0 }
+        SyntheticConfig {
+            seed: 0,
+            resolution: 64,
+            split: Split::Train,
+            len: 10_000,
+            zoom: 1.0,
+            colorless: 0.0,
+            group: 1,
+        }
     }
 }
 
@@ -210,8 +227,7 @@ impl SyntheticDataset {
     /// Sample `index`, a pure function of (seed, split, resolution, index). Every index is valid,
     /// also past `len`, where the stream simply goes on with new scenes.
     pub fn get(&self, index: usize) -> Sample {
-        let mut rng = self.rng(index);
-        let scene = Scene::generate(self.config.split, self.config.zoom, &mut rng);
+        let (scene, mut rng) = self.scene(index);
         let colorless = self.config.colorless > 0.0 && rng.random_bool(self.config.colorless as f64);
         let caption = caption(&scene, colorless, &mut rng);
         let image = render(&scene, self.config.resolution, &mut rng);
@@ -222,7 +238,21 @@ impl SyntheticDataset {
     /// The ground truth of sample `index`: every object's shape, colour and size word, main object
     /// first (what its caption describes, with every size given).
     pub fn describe(&self, index: usize) -> SceneDescription {
-        Scene::generate(self.config.split, self.config.zoom, &mut self.rng(index)).description()
+        self.scene(index).0.description()
+    }
+
+    /// The scene of sample `index` and the generator that goes on to caption and render it: drawn
+    /// from the seed of its group (`index / group`), the main object reshaped to the group member's
+    /// shape when groups are on.
+    fn scene(&self, index: usize) -> (Scene, ChaCha8Rng) {
+        let group = self.config.group.max(1);
+        let mut rng = self.rng(index / group);
+        let mut scene = Scene::generate(self.config.split, self.config.zoom, &mut rng);
+        if group > 1 {
+            let shapes = group_shapes(scene.objects[0].color, group, &mut rng);
+            scene.objects[0].reshape(shapes[index % group]);
+        }
+        (scene, rng)
     }
 
     /// The generator of sample `index`, seeded from a hash of (seed, split, index).
@@ -335,6 +365,20 @@ impl Object {
     fn reach(&self) -> f32 {
         self.radius * REACH[self.shape]
     }
+
+    /// The object as `shape`, its radius scaled to keep its reach (so it still clears its neighbours).
+    fn reshape(&mut self, shape: usize) {
+        self.radius *= REACH[self.shape] / REACH[shape];
+        self.shape = shape;
+    }
+}
+
+/// `count` distinct shapes seen in `color` (not held out), in random order: a hard-negative group.
+fn group_shapes(color: usize, count: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    let mut shapes: Vec<usize> = (0..SHAPES.len()).filter(|&shape| !is_held_out(shape, color)).collect();
+    shapes.shuffle(rng);
+    shapes.truncate(count);
+    shapes
 }
 
 /// How the background colours are laid out.

@@ -576,7 +576,7 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("train.max_bad_steps", "stop after this many consecutive steps with a non-finite loss or gradient"),
     ("train.precision", "forward passes: \"f32\" or \"bf16\" (autocast; weights, norms, losses, optimiser f32)"),
     ("train.tf32", "let CUDA f32 matmuls and convolutions use TF32 tensor cores (no effect on the CPU)"),
-    ("data.source", "training data SPEC: synthetic[:split][?n=&res=&seed=&zoom=&colorless=], shards {a..b}.tar, or a folder (README: Data)"),
+    ("data.source", "training data SPEC: synthetic[:split][?n=&res=&seed=&zoom=&colorless=&group=], shards {a..b}.tar, or a folder (README: Data)"),
     ("data.eval_source", "held-out data SPEC of the online evaluation (zero-shot top-1, PSNR)"),
     ("data.workers", "data reader threads"),
     ("data.shuffle_buffer", "shuffle-buffer slots per reader (0 = stored order)"),

@@ -54,7 +54,7 @@ struct Plan {
 }
 
 impl Plan {
-    /// The full experiment (≈ 1½ hours on 2 cores) or its quick form (a few minutes).
+    /// The full experiment (≈ 1¼ hours on 2 cores: three budgets, N = 500) or its quick form (a few minutes).
     fn new(quick: bool) -> Self {
         if quick {
             Plan {
@@ -81,15 +81,15 @@ impl Plan {
             }
         } else {
             Plan {
-                budgets: vec![200, 800],
+                budgets: vec![200, 400, 800],
                 dit_steps: 2000,
                 dit_points: vec![1000, 2000],
-                fid_n: 1000,
-                reference_n: 1000,
-                reference_train_n: 2000,
+                fid_n: 500,
+                reference_n: 500,
+                reference_train_n: 1000,
                 cache_n: 8192,
-                eval_n: 1000,
-                probe_train_n: 2000,
+                eval_n: 500,
+                probe_train_n: 1000,
                 pretrain_overrides: Vec::new(),
                 dit_overrides: Vec::new(),
             }

@@ -9,12 +9,19 @@ ceiling rather than against chance.
     python benches/tiny_calibration.py cnn /tmp/cal                 # a 4-layer CNN on shape (the task itself)
     python benches/tiny_calibration.py autoencoder /tmp/cal         # the tiny VTP autoencoder, L1 + L2
     python benches/tiny_calibration.py linear-autoencoder /tmp/cal  # a linear 16x16 patch autoencoder, 64-d
+    python benches/tiny_calibration.py clip /tmp/cal                # the tiny CLIP alone on the captions
+    python benches/tiny_calibration.py clip /tmp/cal --captions shape --batch 256
+
+`clip` trains the tiny tokenizer's image trunk and text tower with the symmetric contrastive loss alone
+(`--captions full`: the scenes' own captions; `shape`: "a <shape>." with the canonical shape name, so that
+the contrast can only be won by shape) and scores zero-shot shape and colour on the held-out scenes with
+the prompts of `vtp eval`. Words are tokenised one id per word (the text tower does not care which ids).
 
 Every model trains on batches of 64 (16 for the autoencoders) drawn from the 20 000 training scenes with
 AdamW, and is scored on the held-out scenes every 200 steps. The ViT is `../shared/bench/pytorch_vtp.py`'s
 model in the tiny preset's shape; `--patch-embed-lr-mult` applies the DINOv2 parameter group the preset uses.
 """
-import argparse, glob, io, json, os, sys, tarfile
+import argparse, glob, io, json, math, os, re, sys, tarfile
 
 import numpy as np
 import torch
@@ -32,8 +39,9 @@ TINY = dict(image_size=64, vision_embed_dim=96, vision_depth=4, vision_num_heads
             text_context_length=32)
 
 
-def load(folder, label):
-    """ImageNet-normalised images [N, 3, H, W] and the `label` labels of every shard in `folder`."""
+def load(folder, label, captions=None):
+    """ImageNet-normalised images [N, 3, H, W] and the `label` labels of every shard in `folder`
+    (and each image's caption appended to `captions` when given)."""
     images, labels = [], []
     for path in sorted(glob.glob(os.path.join(folder, "*.tar"))):
         members = {}
@@ -43,7 +51,10 @@ def load(folder, label):
                 members.setdefault(key, {})[ext] = t.extractfile(m).read()
         for parts in members.values():
             images.append(np.asarray(Image.open(io.BytesIO(parts["png"])).convert("RGB")))
-            labels.append(json.loads(parts["json"])["labels"][label])
+            meta = json.loads(parts["json"])
+            labels.append(meta["labels"][label])
+            if captions is not None:
+                captions.append(meta["caption"])
     x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255
     return (x - MEAN) / STD, torch.tensor(labels)
 
@@ -74,6 +85,63 @@ def autoencoder(kind, c):
     return forward, [dict(params=embed, mult=args.patch_embed_lr_mult), dict(params=rest)]
 
 
+SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "heart"]
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]  # synthetic.rs order
+OBJECT_TEMPLATES = ["a photo of the {c}.", "the {c}.", "a picture of the {c}.", "a rendering of the {c} on a background."]
+COLOR_TEMPLATES = ["a photo of the {c} shape.", "the {c} object.", "a picture of the {c} shape.", "a {c} shape on a background."]
+
+
+class Words:
+    """One token id per lower-case word, between start (49406) and end (49407) ids, padded with 0."""
+
+    def __init__(self, context):
+        self.ids, self.context = {}, context
+
+    def __call__(self, texts):
+        rows = torch.zeros(len(texts), self.context, dtype=torch.long)
+        for i, text in enumerate(texts):
+            words = [self.ids.setdefault(w, len(self.ids) + 1) for w in re.findall(r"[a-z]+", text.lower())]
+            ids = [49406] + words[: self.context - 2] + [49407]
+            rows[i, : len(ids)] = torch.tensor(ids)
+        return rows
+
+
+def clip_run(c, x_train, y_train, captions, x_held, y_held, held_colors):
+    """Train the tiny CLIP alone; print zero-shot shape and colour every 200 steps."""
+    c = dict(c, train_reconstruction=False)
+    m = P.init_random(P.VTP(c))
+    words = Words(c["text_context_length"])
+    if args.captions == "shape":
+        captions = [f"a {SHAPES[y]}." for y in y_train.tolist()]
+    tokens = words(captions)
+    embed = list(m.trunk.patch_embed.parameters())
+    text = [p for n, p in m.named_parameters() if n.startswith(("text_", "token_", "positional_", "ln_final"))]
+    rest = [p for p in m.parameters() if all(p is not q for q in embed + text)]
+    opt = optimiser([dict(params=embed, mult=args.patch_embed_lr_mult), dict(params=text, mult=args.text_lr_mult),
+                     dict(params=rest)])
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(0, len(x_train), (args.batch,), generator=g)
+        img, txt = m.get_clip_image_feature(x_train[idx]), m.get_clip_text_feature(tokens[idx])
+        logits = m.logit_scale.exp().clamp(max=100) * img @ txt.T
+        target = torch.arange(len(idx))
+        loss = (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0:
+            with torch.no_grad():
+                scores = []
+                for classes, templates, truth in ((SHAPES, OBJECT_TEMPLATES, y_held), (COLORS, COLOR_TEMPLATES, held_colors)):
+                    t = torch.stack([nn.functional.normalize(m.get_clip_text_feature(
+                        words([tpl.format(c=n) for tpl in templates])).mean(0), dim=-1) for n in classes])
+                    pred = (m.get_clip_image_feature(x_held) @ t.T).argmax(1)
+                    scores.append(100 * (pred == truth).float().mean().item())
+            print(f"clip ({args.captions} captions, batch {args.batch}) step {step}: loss {loss.item():.3f} "
+                  f"(ln B = {math.log(args.batch):.2f}), zero-shot shape {scores[0]:.1f} %, colour {scores[1]:.1f} %",
+                  flush=True)
+
+
 def optimiser(groups):
     for g in groups:
         g["lr"] = args.lr * g.pop("mult", 1.0)
@@ -89,8 +157,12 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     c = P.make_config("small", TINY)
-    x_train, y_train = load(os.path.join(args.data, "train"), "shape")
+    captions = []
+    x_train, y_train = load(os.path.join(args.data, "train"), "shape", captions)
     x_held, y_held = load(os.path.join(args.data, "held"), "shape")
+    if args.kind == "clip":
+        held_colors = load(os.path.join(args.data, "held"), "color")[1]
+        return clip_run(c, x_train, y_train, captions, x_held, y_held, held_colors)
     ae = args.kind.endswith("autoencoder")
     model, groups = (autoencoder if ae else classifier)(args.kind, c)
     opt = optimiser(groups)
@@ -117,12 +189,15 @@ def main():
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["supervised", "cnn", "autoencoder", "linear-autoencoder"])
+    parser.add_argument("kind", choices=["supervised", "cnn", "autoencoder", "linear-autoencoder", "clip"])
     parser.add_argument("data", help="folder holding train/ and held/ shards from `vtp data write-shards`")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--patch-embed-lr-mult", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64, help="clip: image-caption pairs per step")
+    parser.add_argument("--text-lr-mult", type=float, default=1.0, help="clip: lr multiplier of the text tower")
+    parser.add_argument("--captions", choices=["full", "shape"], default="full", help="clip: which captions")
     args = parser.parse_args()
     main()

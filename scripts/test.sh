@@ -17,4 +17,8 @@ isa = next((l.split("isa:", 1)[1] for l in out.splitlines() if ",isa:" in l), "u
 print(f"CPU kernels: ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN {isa}; pinned by environment: {pins or 'no'}")
 PY
 cargo fmt --check
+# Two tests run at once and each starts processes with 2 intra-op threads: OpenMP threads that spin
+# between kernels (libgomp's default) would then take the cores from each other. Passive waiting
+# changes when threads sleep, never what they compute (README "Performance").
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 cargo test --release --locked -- --test-threads=2 --nocapture

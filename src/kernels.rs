@@ -34,6 +34,31 @@ impl FromStr for Kernels {
     }
 }
 
+/// Makes libtorch run every kernel called from the calling thread on that thread alone: its
+/// OpenMP thread count becomes 1, so it never starts a parallel region (a team of its own).
+///
+/// For the threads that help the training thread (data readers, the batch builder, rayon's pool).
+/// With libgomp, a live thread that once started a parallel region keeps its own team, and as soon
+/// as more threads are managed than there are CPUs libgomp stops spinning between parallel regions
+/// in *every* team (100 spins, then a futex sleep): the training thread's thousands of small
+/// kernels per step then each pay a sleep and a wake-up. Measured on 2 cores, the tiny pre-training
+/// step: 0.30 s instead of 0.24 s with 11 k context switches/s, and plain PyTorch slows the same way
+/// when one of its threads keeps a team (README "Performance"). A no-op without OpenMP.
+pub fn serial_kernels_on_this_thread() {
+    // ATen sets a thread's OpenMP count from the global intra-op count on its first use there;
+    // trigger that now so that it cannot undo the count set below.
+    let _ = tch::get_num_threads();
+    // SAFETY: `dlsym` with a NUL-terminated name; the symbol, when present, is OpenMP's
+    // `void omp_set_num_threads(int)`, which only sets the calling thread's count.
+    unsafe {
+        let symbol = libc::dlsym(libc::RTLD_DEFAULT, c"omp_set_num_threads".as_ptr());
+        if !symbol.is_null() {
+            let set_num_threads: unsafe extern "C" fn(libc::c_int) = std::mem::transmute(symbol);
+            set_num_threads(1);
+        }
+    }
+}
+
 /// Whether both variables of [`AVX2_PIN`] already hold their pinned values in this process.
 pub fn is_pinned() -> bool {
     AVX2_PIN.iter().all(|(key, value)| std::env::var(key).is_ok_and(|v| v.eq_ignore_ascii_case(value)))

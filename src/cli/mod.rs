@@ -16,7 +16,7 @@ mod train;
 use crate::config::VtpConfig;
 use crate::kernels::Kernels;
 use crate::model::VtpModel;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use tch::Device;
@@ -158,6 +158,11 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
         tch::set_num_threads(n);
     }
+    // rayon's pool (crops, image decoding) helps this thread: its kernels stay on its own threads.
+    rayon::ThreadPoolBuilder::new()
+        .start_handler(|_| crate::kernels::serial_kernels_on_this_thread())
+        .build_global()
+        .context("cannot start rayon's thread pool")?;
     let device = parse_device(&cli.device)?;
     if let Device::Cuda(_) = device {
         if !tch::Cuda::is_available() {

@@ -660,7 +660,10 @@ impl SampleStream {
                 let buffer_slots = opts.shuffle_buffer;
                 let thread = std::thread::Builder::new()
                     .name(format!("vtp-data-{worker}"))
-                    .spawn(move || run_worker(plan, reader, order, buffer_slots, resume, tx, stop))
+                    .spawn(move || {
+                        crate::kernels::serial_kernels_on_this_thread();
+                        run_worker(plan, reader, order, buffer_slots, resume, tx, stop)
+                    })
                     .context("cannot start a data worker thread")?;
                 stream.threads.push(thread);
                 link.rx = Some(rx);

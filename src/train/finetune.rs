@@ -19,7 +19,7 @@ use super::config::{
     commented_toml, key_doc, load_layered, CheckpointConfig, DebugConfig, EvalConfig, LogConfig, TrainConfig,
 };
 use super::discriminator::{adaptive_weight, generator_loss, hinge_d_loss, NLayerDiscriminator};
-use super::feed::{DataFeed, RankPositions};
+use super::feed::{BatchQueue, DataFeed, RankPositions};
 use super::objectives::recon::ReconLoss;
 use super::online::{online_evaluation, ReconGrid};
 use super::optim::{clip_grad_norm, dinov2_param_specs, AdamW, AdamWConfig};
@@ -29,6 +29,7 @@ use super::run::{RunOptions, StepReport, Trainer};
 use super::schedule::CosineScheduler;
 use crate::data::augment::{Augment, ReconCrop};
 use crate::data::source::StreamOptions;
+use crate::data::Sample;
 use crate::dist::DataParallel;
 use crate::model::VtpModel;
 use anyhow::{bail, Context, Result};
@@ -353,14 +354,13 @@ pub struct FinetuneRun {
     disc_optim: AdamW,
     last_layer: Tensor,
     lr: CosineScheduler,
-    feed: DataFeed,
-    crop: ReconCrop,
+    /// The data feed and the crops, one step ahead on a thread of their own.
+    batches: BatchQueue<Tensor>,
     grid: ReconGrid,
     /// A checksum of the frozen weights, stored in checkpoints: a resume must load the same tokenizer.
     frozen_fingerprint: f64,
-    /// This process's place in the job, its images per step and every rank's data position.
+    /// This process's place in the job and every rank's data position.
     dp: Arc<DataParallel>,
-    local_batch: usize,
     feeds: RankPositions,
 }
 
@@ -422,11 +422,17 @@ impl FinetuneRun {
             named_parameters(&model, true).into_iter().chain(sorted_variables(&disc_vs)).map(|(_, t)| t).collect();
         dp.broadcast_from_main(&trained)?;
         let feed = DataFeed::open(&config.data.source, stream_options(&config, &dp), None)?;
+        let crop = ReconCrop::new(config.data.recon_size);
+        let rank_seed = dp.rank_seed(config.train.seed);
+        let build = move |step: u64, samples: &[Sample]| {
+            let mut rng = ChaCha8Rng::seed_from_u64(step_seed(rank_seed, step));
+            render(samples.iter().collect(), &mut rng, |s, r| crop.apply(&s.image, r))
+        };
+        let batches = BatchQueue::new(feed, local_batch, Arc::new(build));
         let (data, eval) = (&config.data, &config.eval);
         let grid = ReconGrid::new(&data.eval_source, eval.grid_images, model.config.vision_patch_size, data.recon_size);
         Ok(Self {
             lr: config.lr_schedule()?,
-            crop: ReconCrop::new(config.data.recon_size),
             config,
             model,
             disc_vs,
@@ -435,11 +441,10 @@ impl FinetuneRun {
             decoder_optim,
             disc_optim,
             last_layer,
-            feed,
+            batches,
             grid,
             frozen_fingerprint,
             dp,
-            local_batch,
             feeds: RankPositions::default(),
         })
     }
@@ -559,7 +564,7 @@ impl FinetuneRun {
         }
         out.push(("lr".into(), lr));
         out.push(("grad_norm".into(), o.grad_norm));
-        out.push(("data/skipped_samples".into(), self.feed.skipped().total() as f64));
+        out.push(("data/skipped_samples".into(), self.batches.skipped().total() as f64));
         Ok(out)
     }
 
@@ -606,14 +611,11 @@ impl Trainer for FinetuneRun {
     fn train_step(&mut self, step: u64) -> Result<StepReport> {
         let seed = step_seed(self.dp.rank_seed(self.config.train.seed), step);
         tch::manual_seed(seed as i64);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let samples = self.feed.next_batch(self.local_batch)?;
-        let crop = self.crop;
-        let images = render(samples.iter().collect(), &mut rng, |s, r| crop.apply(&s.image, r));
+        let (images, samples) = self.batches.next(step)?;
         let lr = self.lr.value(step);
         let inject_nan = self.config.debug.nan_at_steps.contains(&step);
         let outcome = self.step(&images.to_device(self.model.device()), step, lr, inject_nan)?;
-        let images = samples.len() * self.dp.world();
+        let images = samples * self.dp.world();
         Ok(StepReport { scalars: self.scalars(&outcome, lr)?, images, skipped: outcome.skipped, warnings: Vec::new() })
     }
 
@@ -628,12 +630,12 @@ impl Trainer for FinetuneRun {
 
     /// Gathers every rank's data position (all ranks, before rank 0 writes a checkpoint).
     fn sync_state(&mut self) -> Result<()> {
-        self.feeds = RankPositions::gather(&self.feed, &self.dp)?;
+        self.feeds = RankPositions::gather(self.batches.position(), &self.dp)?;
         Ok(())
     }
 
     fn checkpoint(&self) -> (Vec<(String, Tensor)>, serde_json::Value) {
-        let mut state = self.feeds.state(&self.feed, &self.dp);
+        let mut state = self.feeds.state(self.batches.position(), &self.dp);
         state["config"] = serde_json::json!(self.config);
         state["frozen_fingerprint"] = serde_json::json!(self.frozen_fingerprint);
         (self.state_tensors(), state)
@@ -649,7 +651,8 @@ impl Trainer for FinetuneRun {
         self.decoder_optim.load_state_tensors(tensors)?;
         self.disc_optim.load_state_tensors(tensors)?;
         let position = RankPositions::saved(state, &self.dp)?;
-        self.feed = DataFeed::open(&self.config.data.source, stream_options(&self.config, &self.dp), Some(&position))?;
+        let feed = DataFeed::open(&self.config.data.source, stream_options(&self.config, &self.dp), Some(&position))?;
+        self.batches.restart(feed);
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use super::batch::{BatchBuilder, PretrainBatch, SslBatch};
 use super::config::{BatchConfig, PretrainConfig};
 use super::diagnostics::{mean_entropy, CollapseAlarm};
 use super::dino_head::DinoHead;
-use super::feed::{DataFeed, RankPositions};
+use super::feed::{BatchQueue, DataFeed, RankPositions};
 use super::objectives::clip::{clamp_logit_scale, clip_loss_local, siglip_loss_local};
 use super::objectives::dino::DinoLoss;
 use super::objectives::ibot::IbotPatchLoss;
@@ -23,6 +23,7 @@ use super::schedule::{ScheduleValues, Schedules};
 use super::teacher::Teacher;
 use crate::config::ClipFeat;
 use crate::data::source::StreamOptions;
+use crate::data::Sample;
 use crate::dist::DataParallel;
 use crate::model::encoder::{tokens_to_map, Features};
 use crate::model::{l2_normalize, VtpModel};
@@ -336,12 +337,10 @@ impl Pretrainer {
 /// online evaluation and reconstruction grid.
 pub struct PretrainRun {
     pub trainer: Pretrainer,
-    feed: DataFeed,
-    builder: BatchBuilder,
+    /// The data feed and the batch builder, one step ahead on a thread of their own.
+    batches: BatchQueue<PretrainBatch>,
     schedules: Schedules,
     grid: ReconGrid,
-    /// This rank's image–caption pairs per step.
-    local_clip: usize,
     /// Every rank's data position, gathered before a checkpoint.
     feeds: RankPositions,
     /// Watches the DINO teacher targets for the uniform solution.
@@ -358,13 +357,18 @@ impl PretrainRun {
         let sizes = local_batch(&c.batch, &dp)?;
         let builder =
             BatchBuilder::new(&c.data, &sizes, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
+        let rank_seed = dp.rank_seed(c.train.seed);
+        let build = move |step: u64, samples: &[Sample]| {
+            builder.build(samples, &mut ChaCha8Rng::seed_from_u64(step_seed(rank_seed, step)))
+        };
+        let batches = BatchQueue::new(feed, sizes.clip, Arc::new(build));
         let schedules = Schedules::new(&c.schedule, c.train.steps)?;
         let grid =
             ReconGrid::new(&c.data.eval_source, c.eval.grid_images, c.model.vision_patch_size, c.data.recon_size);
         let alarm = CollapseAlarm::new(c.dino_head.out_dim, c.schedule.warmup_teacher_temp_steps);
         let trainer = Pretrainer::new(config, recon, device, dp)?;
         let feeds = RankPositions::default();
-        Ok(Self { trainer, feed, builder, schedules, grid, local_clip: sizes.clip, feeds, alarm })
+        Ok(Self { trainer, batches, schedules, grid, feeds, alarm })
     }
 
     /// The loop settings of this run's config.
@@ -393,7 +397,7 @@ impl PretrainRun {
             ("momentum".to_string(), sv.momentum),
             ("teacher_temp".to_string(), sv.teacher_temp),
             ("grad_norm".to_string(), grad_norm),
-            ("data/skipped_samples".to_string(), self.feed.skipped().total() as f64),
+            ("data/skipped_samples".to_string(), self.batches.skipped().total() as f64),
         ]);
         if let Some(s) = &self.trainer.model.logit_scale {
             out.push(("logit_scale".into(), s.exp().double_value(&[])));
@@ -447,14 +451,12 @@ impl Trainer for PretrainRun {
     fn train_step(&mut self, step: u64) -> Result<StepReport> {
         let seed = step_seed(self.trainer.dp.rank_seed(self.trainer.config.train.seed), step);
         tch::manual_seed(seed as i64);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let samples = self.feed.next_batch(self.local_clip)?;
-        let device = self.trainer.model.device();
-        let batch = self.builder.build(&samples, &mut rng).to_device(device);
+        let (batch, samples) = self.batches.next(step)?;
+        let batch = batch.to_device(self.trainer.model.device());
         let sv = self.schedules.at(step);
         let inject_nan = self.trainer.config.debug.nan_at_steps.contains(&step);
         let (losses, grad_norm, skipped) = self.trainer.step(&batch, &sv, inject_nan)?;
-        let images = samples.len() * self.trainer.dp.world();
+        let images = samples * self.trainer.dp.world();
         let scalars = self.scalars(&losses, &sv, grad_norm)?;
         let entropy = scalars.iter().find(|(k, _)| k == "ssl/dino_target_entropy").map(|(_, v)| *v);
         let warnings = entropy.and_then(|e| self.alarm.observe(step, e)).into_iter().collect();
@@ -472,12 +474,12 @@ impl Trainer for PretrainRun {
 
     /// Gathers every rank's data position (all ranks, before rank 0 writes a checkpoint).
     fn sync_state(&mut self) -> Result<()> {
-        self.feeds = RankPositions::gather(&self.feed, &self.trainer.dp)?;
+        self.feeds = RankPositions::gather(self.batches.position(), &self.trainer.dp)?;
         Ok(())
     }
 
     fn checkpoint(&self) -> (Vec<(String, Tensor)>, serde_json::Value) {
-        let mut state = self.feeds.state(&self.feed, &self.trainer.dp);
+        let mut state = self.feeds.state(self.batches.position(), &self.trainer.dp);
         state["config"] = serde_json::json!(self.trainer.config);
         (self.trainer.state_tensors(), state)
     }
@@ -488,7 +490,7 @@ impl Trainer for PretrainRun {
         self.trainer.load_state_tensors(tensors)?;
         let position = RankPositions::saved(state, &self.trainer.dp)?;
         let c = &self.trainer.config;
-        self.feed = DataFeed::open(&c.data.source, stream_options(c, &self.trainer.dp), Some(&position))?;
+        self.batches.restart(DataFeed::open(&c.data.source, stream_options(c, &self.trainer.dp), Some(&position))?);
         Ok(())
     }
 

@@ -1,5 +1,5 @@
 //! Builds the C++ shims (`src/dist/shim.cpp`, libtorch's distributed process groups for `vtp`'s data
-//! parallelism; `src/train/precision.cpp`, its autocast regions) against the headers of the libtorch
+//! parallelism; `src/train/aten.cpp`, the ATen calls tch does not bind: autocast regions, TF32, fused AdamW) against the headers of the libtorch
 //! tch links (the pinned PyPI `torch` wheel in `.venv`, or `$LIBTORCH`), and links `vtp` with an rpath
 //! to that libtorch, so the binary runs from a fresh shell with no environment variables.
 use std::path::PathBuf;
@@ -38,7 +38,7 @@ fn build_shim(torch: &Libtorch) {
     cc::Build::new()
         .cpp(true)
         .file("src/dist/shim.cpp")
-        .file("src/train/precision.cpp")
+        .file("src/train/aten.cpp")
         .std("c++20")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
@@ -59,7 +59,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/dist/shim.cpp");
-    println!("cargo:rerun-if-changed=src/train/precision.cpp");
+    println!("cargo:rerun-if-changed=src/train/aten.cpp");
     match libtorch() {
         Some(torch) => build_shim(&torch),
         None => panic!("no libtorch found: run `bash scripts/setup.sh` (a venv with torch) or set LIBTORCH"),

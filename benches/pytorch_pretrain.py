@@ -14,7 +14,7 @@ from its submodules, as DINOv3's `prepare_tokens_with_masks` does):
     ×2 ×(1/2); KoLeo per global crop on the student's final-norm CLS tokens (pre-head).
   * Reconstruction: trunk → 64-d bottleneck → pixel decoder, mean L1 on the normalised images (no LPIPS).
   * `L = λ_clip·clip + λ_ssl·(w_dino·dino + w_ibot·ibot + w_koleo·koleo) + λ_rec·rec`.
-  * `clip_grad_norm_` over the parameters in name order, `torch.optim.AdamW(foreach=False)` with one
+  * `clip_grad_norm_` over the parameters in name order, `torch.optim.AdamW(fused=True)` (vtp's `optim.fused`; else `foreach=False`) with one
     group per parameter (DINOv2 `get_params_groups_with_decay` + `get_vit_lr_decay_rate`, mirrored in
     `multipliers`), lr = (last_layer_lr if last layer else lr) · lr_mult, wd = wd · wd_mult; then the
     teacher EMA as DINOv2 writes it (`_foreach_mul_`, `_foreach_add_(alpha=1-m)`).
@@ -179,13 +179,23 @@ class State:
         self.pv, self.cfg, self.model, self.head, self.teacher = pv, cfg, model, head, teacher
         self.world, self.rank, self.bf16 = world, rank, bf16
         self.loss_fn = self.losses
+        self.profile, self.t = None, 0.0  # --profile: {phase: [seconds per step]}, the phase's start
         k = cfg["dino_head"]["out_dim"]
         self.dino_center, self.ibot_center = torch.zeros(1, k), torch.zeros(1, 1, k)
         self.named = sorted(student_parameters(model, head).items())
         o, depth = cfg["optim"], cfg["model"]["vision_depth"]
         self.mults = [multipliers(n, p.dim(), depth, o["layer_decay"], o["patch_embed_lr_mult"]) for n, p in self.named]
+        # vtp's `optim.fused` (its default): the fused kernel, else the single-tensor update.
+        kernel = {"fused": True} if o.get("fused", False) else {"foreach": False}
         self.opt = torch.optim.AdamW([{"params": [p]} for _, p in self.named], lr=0.0, betas=(o["beta1"], o["beta2"]),
-                                     eps=o["eps"], weight_decay=0.0, foreach=False)
+                                     eps=o["eps"], weight_decay=0.0, **kernel)
+
+    def lap(self, phase):
+        """--profile: records the time since the last lap under `phase` (the phases of `vtp bench --profile`)."""
+        if self.profile is not None:
+            now = time.perf_counter()
+            self.profile.setdefault(phase, []).append(now - self.t)
+            self.t = now
 
     def wide(self):
         return not self.cfg["model"]["vision_bottleneck_ae_only"]
@@ -283,15 +293,18 @@ class State:
     def losses(self, b, sv):
         l, m = self.cfg["loss"], self.model
         terms, total = [], torch.zeros([])
+        self.t = time.perf_counter()
         clip = self.clip_loss(b["clip_images"], b["tokens"])
         total = total + clip * l["lambda_clip"]
         terms.append(("clip", clip))
+        self.lap("clip forward")
         ssl_terms = self.ssl_losses(b, sv["teacher_temp"])
         ssl = torch.zeros([])
         for (_, t), w in zip(ssl_terms, (l["dino_weight"], l["ibot_weight"], l["koleo_weight"])):
             ssl = ssl + t * w
         total = total + ssl * l["lambda_ssl"]
         terms += ssl_terms + [("ssl", ssl)]
+        self.lap("ssl forward (teacher, student)")
         with self.fwd():
             _, patches, grid = trunk_forward(self.pv, m.trunk, b["recon"], None, True)
             bsz, _, ch = patches.shape
@@ -305,23 +318,29 @@ class State:
             rec = rec_l1 + rec_l2 * l["l2_weight"]
         total = total + rec * l["lambda_rec"]
         terms.append(("rec", rec))
+        self.lap("rec forward")
         return total, terms
 
     def step(self, b, sv):
         """losses, backward, clipping, AdamW, logit-scale clamp, teacher EMA; returns (terms, grad norm)."""
         self.opt.zero_grad(set_to_none=True)
         total, terms = self.loss_fn(b, sv)
+        self.t = time.perf_counter()
         total.backward()
+        self.lap("backward")
         max_norm = self.cfg["optim"]["clip_grad"]
         params = [p for _, p in self.named]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        self.lap("clip grad")
         for group, (lr_mult, wd_mult, last) in zip(self.opt.param_groups, self.mults):
             group["lr"] = (sv["last_layer_lr"] if last else sv["lr"]) * lr_mult
             group["weight_decay"] = sv["wd"] * wd_mult
         self.opt.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
+            self.lap("optimiser")
             self.ema(sv["momentum"])
+            self.lap("teacher ema")
         return [("total", total)] + terms, grad_norm
 
     def ema(self, m):
@@ -472,7 +491,8 @@ def bench_config(pv, a):
                           koleo_weight=0.1, centering=a.centering, student_temp=0.1, center_momentum=0.9,
                           l2_weight=a.l2_weight),
                 dino_head=dict(out_dim=a.out_dim, hidden_dim=a.hidden_dim, bottleneck_dim=a.bottleneck_dim),
-                optim=dict(beta1=0.9, beta2=0.999, eps=1e-8, clip_grad=3.0, layer_decay=0.9, patch_embed_lr_mult=0.2))
+                optim=dict(beta1=0.9, beta2=0.999, eps=1e-8, clip_grad=3.0, layer_decay=0.9, patch_embed_lr_mult=0.2,
+                           fused=a.fused))
 
 
 def bench(pv, a):
@@ -512,6 +532,8 @@ def bench(pv, a):
     sv = dict(lr=1e-4, wd=0.04, momentum=0.992, teacher_temp=0.04, last_layer_lr=1e-4)
     times, rss, t_all = [], {}, time.perf_counter()
     for i in range(a.warmup + a.iters):
+        if a.profile and i == a.warmup:
+            state.profile = {}
         t0 = time.perf_counter()
         state.step(batch, sv)
         if i >= a.warmup:
@@ -519,6 +541,12 @@ def bench(pv, a):
         if i + 1 in (20, 200):
             rss[f"rss_after_{i + 1}_mib"] = round(rss_mib(), 1)
     med = statistics.median(times)
+    phases = {k: statistics.median(v) for k, v in (state.profile or {}).items()}
+    if a.profile and rank == 0:
+        # The op-level profile of one more step (torch.profiler), on stderr.
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            state.step(batch, sv)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -531,7 +559,8 @@ def bench(pv, a):
         precision=a.precision, centering=a.centering, world=world,
         img_per_s=round(a.batch / med, 4), s_per_iter=round(med, 4), s_per_iter_min=round(min(times), 4),
         iters=a.iters, warmup=a.warmup, peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        **rss, wall_s=round(time.perf_counter() - t_all, 2), torch=torch.__version__)))
+        **rss, wall_s=round(time.perf_counter() - t_all, 2), torch=torch.__version__,
+        **({"phases": phases} if a.profile else {}))))
 
 
 def main():
@@ -563,6 +592,10 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                    help="--bench: AdamW(fused=True), as vtp's default optim.fused; --no-fused: AdamW(foreach=False)")
+    ap.add_argument("--profile", action="store_true", help="--bench: median seconds of each phase of the step "
+                    "(as `vtp bench --profile`) in the JSON line, torch.profiler's op table on stderr")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     sys.path.insert(0, a.bench_dir)

@@ -12,6 +12,7 @@ use vtp::dit::model::{DitConfig, LightningDit};
 use vtp::dit::train::{dit_optimizer, flow_step, FlowRecipe};
 use vtp::dit::transport::TimeSampling;
 use vtp::io::read_safetensors_map;
+use vtp::train::optim::AdamWConfig;
 use vtp::train::precision::{autocast_enabled, Precision};
 
 /// The largest relative gap allowed between a bf16 run's loss and the f32 run's at the same step:
@@ -128,7 +129,7 @@ fn bf16_lightningdit_steps_track_f32_steps() {
         let c = model.config().clone();
         let x1 = Tensor::randn([8, c.in_channels, c.input_size, c.input_size], (Kind::Float, Device::Cpu));
         let y = Tensor::randint(c.num_classes, [8], (Kind::Int64, Device::Cpu));
-        let mut optim = dit_optimizer(&model, 0.9, 0.95, 1e-8);
+        let mut optim = dit_optimizer(&model, AdamWConfig { beta1: 0.9, beta2: 0.95, ..AdamWConfig::default() });
         let recipe = FlowRecipe {
             time: TimeSampling::OFFICIAL,
             cosine_loss: true,

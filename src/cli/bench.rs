@@ -15,8 +15,10 @@ use crate::dit::transport::TimeSampling;
 use crate::train::batch::{BatchBuilder, PretrainBatch};
 use crate::train::config::{BatchConfig, PretrainConfig};
 use crate::train::objectives::recon::ReconLoss;
+use crate::train::optim::AdamWConfig;
 use crate::train::precision::Precision;
 use crate::train::pretrain::{local_batch, Pretrainer};
+use crate::train::profile::StepProfile;
 use crate::train::schedule::Schedules;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
@@ -90,6 +92,10 @@ pub struct BenchArgs {
     /// Training modes: `key=value` overrides of the pre-training config, applied last (e.g. `batch.ssl=4`).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// `pretrain-step` / `recon-step`: add the median seconds of each phase of the step (each
+    /// objective's forward, backward, clipping, optimiser, teacher EMA) to the line as `phases`.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Run the benchmark and print one JSON line.
@@ -177,8 +183,12 @@ fn bench_train_step(a: &BenchArgs, device: Device) -> Result<()> {
     let batch = synthetic_batch(&config, &sizes, a.model.seed as u64, dp.rank())?.to_device(device);
     let schedules = Schedules::new(&config.schedule, config.train.steps)?;
     let mut trainer = Pretrainer::new(config.clone(), ReconLoss::new(None), device, dp.clone())?;
+    trainer.profile = a.profile.then(StepProfile::default);
     let mut rss = serde_json::Map::new();
     let times = timed(a, device, |i| {
+        if i == a.warmup {
+            trainer.profile.as_mut().map(StepProfile::clear);
+        }
         let (_, _, skipped) = tch::with_grad(|| trainer.step(&batch, &schedules.at(i as u64), false))?;
         if skipped {
             bail!("step {i} had a non-finite loss or gradient");
@@ -200,6 +210,9 @@ fn bench_train_step(a: &BenchArgs, device: Device) -> Result<()> {
         "peak_rss_mib": proc_status_mib("VmHWM"), "world": dp.world(), "overlap": c.dist.overlap,
     });
     line.as_object_mut().expect("a JSON object").extend(rss);
+    if let Some(p) = &trainer.profile {
+        line["phases"] = p.medians().into_iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
+    }
     if dp.is_main() {
         println!("{line}");
     }
@@ -214,7 +227,7 @@ fn bench_dit(a: &BenchArgs, device: Device) -> Result<()> {
     let shape = [a.batch, c.in_channels, c.input_size, c.input_size];
     let x1 = Tensor::randn(shape, (Kind::Float, device));
     let y = Tensor::randint(c.num_classes, [a.batch], (Kind::Int64, device));
-    let mut optim = dit_optimizer(&model, 0.9, 0.95, 1e-8);
+    let mut optim = dit_optimizer(&model, AdamWConfig { beta1: 0.9, beta2: 0.95, ..AdamWConfig::default() });
     let sampler = SamplerConfig { steps: a.steps + 1, shift: 0.0, ..SamplerConfig::default() };
     let times = timed(a, device, |i| {
         if a.mode == BenchMode::DitTrainStep {

@@ -7,6 +7,7 @@ use super::transport::TimeSampling;
 use crate::train::config::{
     commented_toml, key_doc, load_layered, CheckpointConfig, DebugConfig, LogConfig, TrainConfig,
 };
+use crate::train::optim::AdamWConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -80,6 +81,9 @@ pub struct DitOptimConfig {
     pub eps: f64,
     pub weight_decay: f64,
     pub clip_grad: f64,
+    /// AdamW as ATen's fused kernel (`torch.optim.AdamW(fused=True)`); false = PyTorch's single-tensor update.
+    #[serde(default = "crate::train::optim::fused_by_default")]
+    pub fused: bool,
 }
 
 /// `[ema]`.
@@ -242,7 +246,12 @@ impl TransportConfig {
 impl DitOptimConfig {
     /// The VTP DiT configs: AdamW lr 2e-4 constant, betas (0.9, 0.95), no weight decay, no clipping.
     fn lightningdit() -> Self {
-        Self { lr: 2e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0, clip_grad: 0.0 }
+        Self { lr: 2e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0, clip_grad: 0.0, fused: true }
+    }
+
+    /// The AdamW hyper-parameters.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, fused: self.fused }
     }
 }
 
@@ -273,6 +282,7 @@ const DIT_KEY_DOCS: &[(&str, &str)] = &[
     ("optim.beta1", "AdamW beta1 [VTP: 0.9]"),
     ("optim.beta2", "AdamW beta2 [VTP: 0.95]"),
     ("optim.eps", "AdamW epsilon [torch default: 1e-8]"),
+    ("optim.fused", crate::train::config::FUSED_DOC),
     ("optim.weight_decay", "decoupled weight decay [VTP: 0]"),
     ("optim.clip_grad", "gradient-norm clipping threshold, 0 = off [VTP: off]"),
     ("ema.decay", "EMA decay per step; the EMA weights are sampled and exported [VTP: 0.9999]"),

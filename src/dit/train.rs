@@ -170,7 +170,7 @@ impl DitRun {
         let weights: Vec<Tensor> = [&model, &ema].iter().flat_map(|m| m.named_parameters()).map(|(_, t)| t).collect();
         dp.broadcast_from_main(&weights)?;
         let o = &config.optim;
-        let optim = dit_optimizer(&model, o.beta1, o.beta2, o.eps);
+        let optim = dit_optimizer(&model, o.adamw());
         let m = &cache.manifest;
         let info = DitInfo {
             tokenizer: m.tokenizer.clone(),
@@ -290,20 +290,20 @@ pub fn flow_step(
     if skipped {
         optim.zero_grad();
     } else {
-        optim.step(recipe.lr, recipe.weight_decay, recipe.lr);
+        optim.step(recipe.lr, recipe.weight_decay, recipe.lr)?;
     }
     Ok(FlowStep { total, mse, cos, grad_norm, skipped })
 }
 
 /// AdamW over every trainable parameter of `model` (one group: no per-parameter multipliers, as
 /// LightningDiT's `train.py`).
-pub fn dit_optimizer(model: &LightningDit, beta1: f64, beta2: f64, eps: f64) -> AdamW {
+pub fn dit_optimizer(model: &LightningDit, config: AdamWConfig) -> AdamW {
     let params = model
         .named_parameters()
         .into_iter()
         .map(|(name, tensor)| ParamSpec { name, tensor, lr_mult: 1.0, wd_mult: 1.0, is_last_layer: false })
         .collect();
-    AdamW::new(params, AdamWConfig { beta1, beta2, eps })
+    AdamW::new(params, config)
 }
 
 impl Trainer for DitRun {

@@ -108,6 +108,9 @@ pub struct OptimConfig {
     pub clip_grad: f64,
     pub layer_decay: f64,
     pub patch_embed_lr_mult: f64,
+    /// AdamW as ATen's fused kernel (`torch.optim.AdamW(fused=True)`); false = PyTorch's single-tensor update.
+    #[serde(default = "super::optim::fused_by_default")]
+    pub fused: bool,
 }
 
 /// `[train]`: length, seed and failure handling of the run.
@@ -489,12 +492,20 @@ impl LossConfig {
 impl OptimConfig {
     /// The AdamW hyper-parameters.
     pub fn adamw(&self) -> AdamWConfig {
-        AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps }
+        AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, fused: self.fused }
     }
 
-    /// DINOv2's AdamW settings (spec §4.5).
+    /// DINOv2's AdamW settings (spec §4.5), fused.
     fn dinov2() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, clip_grad: 3.0, layer_decay: 0.9, patch_embed_lr_mult: 0.2 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            clip_grad: 3.0,
+            layer_decay: 0.9,
+            patch_embed_lr_mult: 0.2,
+            fused: true,
+        }
     }
 }
 
@@ -567,6 +578,10 @@ pub fn key_doc(path: &str) -> &'static str {
     })
 }
 
+/// The doc of every trainer's `optim.fused` key.
+pub const FUSED_DOC: &str = "AdamW as ATen's fused kernel, one pass over each tensor [torch: AdamW(fused=True)]; \
+     false = PyTorch's single-tensor update op for op [AdamW(foreach=False)]; the same update, rounded differently";
+
 const KEY_DOCS: &[(&str, &str)] = &[
     ("preset", "the preset these defaults come from: tiny (2-core CPU), small, base, large (released architectures)"),
     ("objectives", "objectives trained: \"ae\", \"clip+ae\", \"ssl+ae\" or \"all\" (the paper's ablations, spec §4.8)"),
@@ -611,6 +626,7 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("optim.clip_grad", "gradient-norm clipping threshold, 0 = off [DINOv2: 3.0]"),
     ("optim.layer_decay", "layer-wise lr decay of the vision trunk, 1 = off [DINOv2: 0.9]"),
     ("optim.patch_embed_lr_mult", "lr multiplier of the patch embedding [DINOv2: 0.2]"),
+    ("optim.fused", FUSED_DOC),
     ("schedule.lr", "peak learning rate after warm-up [DINOv2: 0.004 * sqrt(batch / 1024)]"),
     ("schedule.min_lr", "final learning rate of the cosine decay [DINOv2: 1e-6]"),
     ("schedule.warmup_steps", "linear lr warm-up from 0 [DINOv2: 10 epochs of 1250 steps]"),

@@ -90,6 +90,9 @@ pub struct FinetuneOptimConfig {
     pub weight_decay: f64,
     pub clip_grad: f64,
     pub disc_lr_mult: f64,
+    /// AdamW as ATen's fused kernel (`torch.optim.AdamW(fused=True)`); false = PyTorch's single-tensor update.
+    #[serde(default = "crate::train::optim::fused_by_default")]
+    pub fused: bool,
 }
 
 /// `[schedule]`: the learning rate (linear warm-up from 0, then cosine to `min_lr`).
@@ -262,12 +265,12 @@ impl GanLossConfig {
 impl FinetuneOptimConfig {
     /// LDM's `Adam(betas = (0.5, 0.9))` for both networks, no weight decay, no clipping, the same lr.
     fn ldm() -> Self {
-        Self { beta1: 0.5, beta2: 0.9, eps: 1e-8, weight_decay: 0.0, clip_grad: 0.0, disc_lr_mult: 1.0 }
+        Self { beta1: 0.5, beta2: 0.9, eps: 1e-8, weight_decay: 0.0, clip_grad: 0.0, disc_lr_mult: 1.0, fused: true }
     }
 
     /// The AdamW hyper-parameters.
     pub fn adamw(&self) -> AdamWConfig {
-        AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps }
+        AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, fused: self.fused }
     }
 
     /// The clipping threshold for [`clip_grad_norm`] (0 = off: the norm is only measured).
@@ -313,6 +316,7 @@ const FINETUNE_KEY_DOCS: &[(&str, &str)] = &[
     ("optim.beta1", "AdamW beta1 of both optimisers [LDM: 0.5]"),
     ("optim.beta2", "AdamW beta2 of both optimisers [LDM: 0.9]"),
     ("optim.eps", "AdamW epsilon of both optimisers [LDM: 1e-8]"),
+    ("optim.fused", crate::train::config::FUSED_DOC),
     ("optim.weight_decay", "decoupled weight decay of both optimisers, not on biases and norms [LDM: 0]"),
     ("optim.clip_grad", "gradient-norm clipping threshold of each network, 0 = off [LDM: off]"),
     ("optim.disc_lr_mult", "discriminator lr = this x the decoder's lr [LDM: 1]"),
@@ -538,10 +542,10 @@ impl FinetuneRun {
             self.disc_optim.zero_grad();
         } else {
             let wd = self.config.optim.weight_decay;
-            self.decoder_optim.step(lr, wd, lr);
+            self.decoder_optim.step(lr, wd, lr)?;
             if adversarial {
                 let disc_lr = lr * self.config.optim.disc_lr_mult;
-                self.disc_optim.step(disc_lr, wd, disc_lr);
+                self.disc_optim.step(disc_lr, wd, disc_lr)?;
             }
         }
         Ok(StepOutcome { generator, disc, grad_norm, disc_grad_norm, skipped })

@@ -17,6 +17,7 @@ pub mod optim;
 pub mod plots;
 pub mod precision;
 pub mod pretrain;
+pub mod profile;
 pub mod run;
 pub mod schedule;
 pub mod teacher;

@@ -1,6 +1,6 @@
 //! Mixed precision (`[train] precision`, `tf32`): the forward passes of a `bf16` run execute under
 //! libtorch's autocast (`torch.autocast(device_type, dtype=torch.bfloat16)`, through
-//! `precision.cpp`), so matmuls, convolutions and attention run in bf16 while the master weights,
+//! `aten.cpp`), so matmuls, convolutions and attention run in bf16 while the master weights,
 //! their gradients and the optimiser stay f32. Norms compute in f32 ([`crate::model::norm`]), and
 //! every trainer takes its model outputs back to f32 ([`f32`]) before the losses, the softmax
 //! statistics of the teacher targets and KoLeo (the recipe of DINOv2's and OpenCLIP's AMP training).

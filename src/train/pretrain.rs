@@ -18,6 +18,7 @@ use super::objectives::recon::ReconLoss;
 use super::online::{online_evaluation, ReconGrid};
 use super::optim::{clip_grad_norm, dinov2_param_specs, AdamW};
 use super::precision::f32;
+use super::profile::StepProfile;
 use super::run::{RunOptions, StepReport, Trainer};
 use super::schedule::{ScheduleValues, Schedules};
 use super::teacher::Teacher;
@@ -33,6 +34,7 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 /// Global crops per image (DINOv2).
@@ -67,6 +69,8 @@ pub struct Pretrainer {
     pub optim: AdamW,
     /// This process's place in the job: gradients, centres and CLIP features are shared over it.
     pub dp: Arc<DataParallel>,
+    /// Wall time by phase of every step, when set (`vtp bench --profile`).
+    pub profile: Option<StepProfile>,
 }
 
 impl Pretrainer {
@@ -93,7 +97,7 @@ impl Pretrainer {
             o.patch_embed_lr_mult,
         );
         let optim = AdamW::new(specs, o.adamw());
-        let trainer = Self { optim, config, model, head_vs, head, teacher, dino, ibot, recon, dp };
+        let trainer = Self { optim, config, model, head_vs, head, teacher, dino, ibot, recon, dp, profile: None };
         let mut named: Vec<(String, Tensor)> = trainer.student_parameters().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         trainer.dp.broadcast_from_main(&named.into_iter().map(|(_, t)| t).collect::<Vec<_>>())?;
@@ -104,6 +108,13 @@ impl Pretrainer {
     /// The student's parameters by name: the tokenizer's official names plus `dino_head.*`.
     pub fn student_parameters(&self) -> HashMap<String, Tensor> {
         student(&self.model, &self.head_vs)
+    }
+
+    /// Records the phase that ends now under `phase` when profiling, and restarts `since`.
+    fn lap(&mut self, phase: &'static str, since: &mut Instant) {
+        if let Some(p) = &mut self.profile {
+            p.lap(phase, since);
+        }
     }
 
     /// Runs a forward pass of the student or teacher in the run's precision (`train.precision`).
@@ -210,10 +221,12 @@ impl Pretrainer {
         let mut terms: Vec<(&'static str, Tensor)> = Vec::new();
         let mut diagnostics = Vec::new();
         let mut total = Tensor::zeros([], (Kind::Float, self.model.device()));
+        let mut t = Instant::now();
         if let (true, Some(images), Some(tokens)) = (objectives.clip(), &batch.clip_images, &batch.tokens) {
             let clip = self.clip_loss(images, tokens)?;
             total += &clip * l.lambda_clip;
             terms.push(("clip", clip));
+            self.lap("clip forward", &mut t);
         }
         if let (true, Some(ssl)) = (objectives.ssl(), &batch.ssl) {
             let (ssl_terms, ssl_diagnostics) = self.ssl_losses(ssl, sv.teacher_temp)?;
@@ -224,6 +237,7 @@ impl Pretrainer {
             total += &ssl_total * l.lambda_ssl;
             terms.extend(ssl_terms);
             terms.push(("ssl", ssl_total));
+            self.lap("ssl forward (teacher, student)", &mut t);
         }
         let reconstruction = f32(&self.amp(|| {
             let f = self.model.trunk.forward_train(&batch.recon, None, l.rec_drop_path, true);
@@ -239,6 +253,7 @@ impl Pretrainer {
             terms.push(("rec_lpips", p));
         }
         terms.push(("rec", rec.total));
+        self.lap("rec forward", &mut t);
         Ok(Losses { total, terms, diagnostics })
     }
 
@@ -260,11 +275,14 @@ impl Pretrainer {
             losses.total = &losses.total * f64::NAN;
         }
         let mut grad_norm = f64::NAN;
+        let mut t = Instant::now();
         if self.dp.mean(&[losses.total.double_value(&[])])?[0].is_finite() {
             let params = self.parameters();
             self.dp.backward(&losses.total, &params)?;
+            self.lap("backward", &mut t);
             let max_norm = self.config.optim.clip_grad;
             grad_norm = clip_grad_norm(&params, if max_norm > 0.0 { max_norm } else { f64::INFINITY });
+            self.lap("clip grad", &mut t);
         }
         let skipped = !grad_norm.is_finite();
         if skipped {
@@ -280,14 +298,18 @@ impl Pretrainer {
     /// logit-scale clamp to [0, ln 100], then the teacher EMA with the scheduled momentum (only when
     /// SSL is on: nothing else reads the teacher, so `ae` and `clip+ae` runs keep its initial copy).
     pub fn update(&mut self, sv: &ScheduleValues) -> Result<()> {
-        self.optim.step(sv.lr, sv.wd, sv.last_layer_lr);
+        let mut t = Instant::now();
+        self.optim.step(sv.lr, sv.wd, sv.last_layer_lr)?;
         if let Some(s) = &self.model.logit_scale {
             clamp_logit_scale(s);
         }
+        self.lap("optimiser", &mut t);
         if !self.config.objectives.ssl() {
             return Ok(());
         }
-        self.teacher.ema_update(&self.student_parameters(), sv.momentum)
+        self.teacher.ema_update(&self.student_parameters(), sv.momentum)?;
+        self.lap("teacher ema", &mut t);
+        Ok(())
     }
 
     /// The gradients of every optimised parameter (for clipping).

@@ -1,9 +1,14 @@
-// The C ABI of vtp's mixed precision (src/train/precision.rs): libtorch's autocast regions, as
-// `torch.autocast(device_type, dtype=torch.bfloat16)` enters and leaves them, and the TF32 switch of
-// `torch.backends.cuda.matmul.allow_tf32` / `torch.backends.cudnn.allow_tf32`. Each returns false when
-// libtorch raised (no C++ exception crosses the boundary).
+// The C ABI of the ATen calls tch does not bind. Mixed precision (src/train/precision.rs): libtorch's
+// autocast regions, as `torch.autocast(device_type, dtype=torch.bfloat16)` enters and leaves them, and
+// the TF32 switch of `torch.backends.cuda.matmul.allow_tf32` / `torch.backends.cudnn.allow_tf32`. The
+// fused AdamW update (src/train/optim.rs): `torch._fused_adamw_`, the kernel of
+// `torch.optim.AdamW(fused=True)`. Each returns false when libtorch raised (no C++ exception crosses
+// the boundary).
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/ops/_fused_adamw.h>
+
+#include <vector>
 
 namespace {
 
@@ -50,6 +55,24 @@ bool vtp_set_tf32(bool allow) {
   return guarded([&] {
     at::globalContext().setAllowTF32CuBLAS(allow);
     at::globalContext().setAllowTF32CuDNN(allow);
+  });
+}
+
+// One `_fused_adamw_` call over `n` parameters that share lr and weight decay (torch.optim.AdamW's
+// `_fused_adamw` for one param group): every tensor's update in one pass over it; `steps` are the
+// float32 step counters after this step's increment.
+bool vtp_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
+                     at::Tensor** steps, size_t n, double lr, double beta1, double beta2, double weight_decay,
+                     double eps) {
+  auto list = [n](at::Tensor** tensors) {
+    std::vector<at::Tensor> out;
+    out.reserve(n);
+    for (size_t i = 0; i < n; ++i) out.push_back(*tensors[i]);
+    return out;
+  };
+  return guarded([&] {
+    at::_fused_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), {}, list(steps), lr, beta1, beta2,
+                      weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
   });
 }
 

@@ -253,7 +253,6 @@ impl PretrainConfig {
                 recon_size: 64,
             },
             batch: BatchConfig { clip: 64, ssl: 16, recon: 16 },
-            // Sinkhorn-Knopp teachers (DINOv3's choice) learned faster than centring in a short run.
             // Centred targets at a cold teacher (0.04 throughout) over 128 prototypes: the 32 teacher rows
             // of a step cannot fill 1024 (Sinkhorn-Knopp spreads them to uniform, centring too once the
             // teacher warms to 0.07), README "Pre-training". L2 next to L1: on L1 alone the tiny

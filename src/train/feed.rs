@@ -143,13 +143,15 @@ pub struct BatchQueue<B: Send + 'static> {
     producer: Option<Producer<B>>,
     position: FeedPosition,
     skipped: SkipCounts,
+    /// Seconds the last [`Self::next`] waited for its batch (0 when it was ready).
+    wait_s: f64,
 }
 
 impl<B: Send + 'static> BatchQueue<B> {
     /// A queue of batches of `size` samples of `feed`, each built by `build`.
     pub fn new(feed: DataFeed, size: usize, build: BuildFn<B>) -> Self {
         let (position, skipped) = (feed.position(), feed.skipped());
-        Self { size, build, idle: Some(feed), producer: None, position, skipped }
+        Self { size, build, idle: Some(feed), producer: None, position, skipped, wait_s: 0.0 }
     }
 
     /// Step `step`'s batch and its number of samples; steps are asked for in order from the first.
@@ -158,7 +160,9 @@ impl<B: Send + 'static> BatchQueue<B> {
             self.producer = Some(Producer::start(feed, step, self.size, self.build.clone())?);
         }
         let rx = self.producer.as_ref().and_then(|p| p.rx.as_ref()).context("the batch-building thread has stopped")?;
+        let started = std::time::Instant::now();
         let prepared = rx.recv().map_err(|_| anyhow!("the batch-building thread has stopped"))??;
+        self.wait_s = started.elapsed().as_secs_f64();
         ensure!(prepared.step == step, "batch of step {} handed to step {step}", prepared.step);
         (self.position, self.skipped) = (prepared.position, prepared.skipped);
         Ok((prepared.batch, prepared.samples))
@@ -173,6 +177,11 @@ impl<B: Send + 'static> BatchQueue<B> {
     /// The feed's position after the last batch handed out.
     pub fn position(&self) -> &FeedPosition {
         &self.position
+    }
+
+    /// Seconds the training thread waited for the last batch handed out (`data/wait_s`).
+    pub fn wait_s(&self) -> f64 {
+        self.wait_s
     }
 
     /// Samples skipped up to the last batch handed out.

@@ -569,6 +569,7 @@ impl FinetuneRun {
         out.push(("lr".into(), lr));
         out.push(("grad_norm".into(), o.grad_norm));
         out.push(("data/skipped_samples".into(), self.batches.skipped().total() as f64));
+        out.push(("data/wait_s".into(), self.batches.wait_s()));
         Ok(out)
     }
 

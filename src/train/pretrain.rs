@@ -420,6 +420,7 @@ impl PretrainRun {
             ("teacher_temp".to_string(), sv.teacher_temp),
             ("grad_norm".to_string(), grad_norm),
             ("data/skipped_samples".to_string(), self.batches.skipped().total() as f64),
+            ("data/wait_s".to_string(), self.batches.wait_s()),
         ]);
         if let Some(s) = &self.trainer.model.logit_scale {
             out.push(("logit_scale".into(), s.exp().double_value(&[])));

@@ -217,7 +217,7 @@ fn the_export_loads_in_vtp_and_in_pytorch() {
 #[test]
 fn print_config_comments_every_key_and_bad_input_is_one_line() {
     let text = common::print_config("pretrain");
-    assert!(text.contains("[schedule]") && text.contains("steps = 800"), "{text}");
+    assert!(text.contains("[schedule]") && text.contains("steps = 1600"), "{text}");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     common::assert_run_error(&pretrain(&out, &["train.stepz=3"]), &["unknown config key 'train.stepz'"]);

@@ -337,7 +337,7 @@ pub fn dinov2_param_specs(
 
 /// `torch.nn.utils.clip_grad_norm_(params, max_norm)` (L2; the CPU op sequence, where torch's `_foreach_norm`
 /// is the per-tensor norm; its CUDA kernel reduces in another order): the norm of the stacked
-/// per-gradient norms, then every gradient multiplied in place by `min(max_norm / (norm + 1e-6), 1)`.
+/// per-gradient norms, then every gradient multiplied in place by `min(max_norm / (norm + 1e-6), 1)` (skipped when exactly 1).
 /// Parameters without a gradient are ignored. Returns the total norm before clipping (0 with no
 /// gradients); a non-finite norm is returned as is (the gradients are then scaled by NaN, as in torch).
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
@@ -349,8 +349,12 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
         let norms: Vec<Tensor> = grads.iter().map(Tensor::norm).collect();
         let total = Tensor::stack(&norms, 0).norm();
         let coef = total.g_add_scalar(1e-6).reciprocal().g_mul_scalar(max_norm).clamp_max(1.0);
-        for mut g in grads {
-            let _ = g.g_mul_(&coef);
+        // torch multiplies by a coefficient of exactly 1 too (every norm below the threshold, or no
+        // threshold): the same bits, so that pass over every gradient is skipped here.
+        if coef.double_value(&[]) != 1.0 {
+            for mut g in grads {
+                let _ = g.g_mul_(&coef);
+            }
         }
         total.double_value(&[])
     })

@@ -42,7 +42,7 @@ impl FromStr for Kernels {
 /// as more threads are managed than there are CPUs libgomp stops spinning between parallel regions
 /// in *every* team (100 spins, then a futex sleep): the training thread's thousands of small
 /// kernels per step then each pay a sleep and a wake-up. Measured on 2 cores, the tiny pre-training
-/// step: 0.30 s instead of 0.24 s with 11 k context switches/s, and plain PyTorch slows the same way
+/// step: 0.32 s with 11 k context switches/s instead of 0.15 s, and plain PyTorch slows the same way
 /// when one of its threads keeps a team (README "Performance"). A no-op without OpenMP.
 pub fn serial_kernels_on_this_thread() {
     // ATen sets a thread's OpenMP count from the global intra-op count on its first use there;

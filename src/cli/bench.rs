@@ -186,8 +186,8 @@ fn bench_train_step(a: &BenchArgs, device: Device) -> Result<()> {
     trainer.profile = a.profile.then(StepProfile::default);
     let mut rss = serde_json::Map::new();
     let times = timed(a, device, |i| {
-        if i == a.warmup {
-            trainer.profile.as_mut().map(StepProfile::clear);
+        if let (true, Some(profile)) = (i == a.warmup, &mut trainer.profile) {
+            profile.clear();
         }
         let (_, _, skipped) = tch::with_grad(|| trainer.step(&batch, &schedules.at(i as u64), false))?;
         if skipped {

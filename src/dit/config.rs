@@ -282,7 +282,7 @@ const DIT_KEY_DOCS: &[(&str, &str)] = &[
     ("optim.beta1", "AdamW beta1 [VTP: 0.9]"),
     ("optim.beta2", "AdamW beta2 [VTP: 0.95]"),
     ("optim.eps", "AdamW epsilon [torch default: 1e-8]"),
-    ("optim.fused", crate::train::config::FUSED_DOC),
+    ("optim.fused", crate::train::optim::FUSED_DOC),
     ("optim.weight_decay", "decoupled weight decay [VTP: 0]"),
     ("optim.clip_grad", "gradient-norm clipping threshold, 0 = off [VTP: off]"),
     ("ema.decay", "EMA decay per step; the EMA weights are sampled and exported [VTP: 0.9999]"),

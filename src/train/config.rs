@@ -579,10 +579,6 @@ pub fn key_doc(path: &str) -> &'static str {
     })
 }
 
-/// The doc of every trainer's `optim.fused` key.
-pub const FUSED_DOC: &str = "AdamW as ATen's fused kernel, one pass over each tensor [torch: AdamW(fused=True)]; \
-     false = PyTorch's single-tensor update op for op [AdamW(foreach=False)]; the same update, rounded differently";
-
 const KEY_DOCS: &[(&str, &str)] = &[
     ("preset", "the preset these defaults come from: tiny (2-core CPU), small, base, large (released architectures)"),
     ("objectives", "objectives trained: \"ae\", \"clip+ae\", \"ssl+ae\" or \"all\" (the paper's ablations, spec §4.8)"),
@@ -627,7 +623,7 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("optim.clip_grad", "gradient-norm clipping threshold, 0 = off [DINOv2: 3.0]"),
     ("optim.layer_decay", "layer-wise lr decay of the vision trunk, 1 = off [DINOv2: 0.9]"),
     ("optim.patch_embed_lr_mult", "lr multiplier of the patch embedding [DINOv2: 0.2]"),
-    ("optim.fused", FUSED_DOC),
+    ("optim.fused", super::optim::FUSED_DOC),
     ("schedule.lr", "peak learning rate after warm-up [DINOv2: 0.004 * sqrt(batch / 1024)]"),
     ("schedule.min_lr", "final learning rate of the cosine decay [DINOv2: 1e-6]"),
     ("schedule.warmup_steps", "linear lr warm-up from 0 [DINOv2: 10 epochs of 1250 steps]"),

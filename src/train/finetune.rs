@@ -316,7 +316,7 @@ const FINETUNE_KEY_DOCS: &[(&str, &str)] = &[
     ("optim.beta1", "AdamW beta1 of both optimisers [LDM: 0.5]"),
     ("optim.beta2", "AdamW beta2 of both optimisers [LDM: 0.9]"),
     ("optim.eps", "AdamW epsilon of both optimisers [LDM: 1e-8]"),
-    ("optim.fused", crate::train::config::FUSED_DOC),
+    ("optim.fused", crate::train::optim::FUSED_DOC),
     ("optim.weight_decay", "decoupled weight decay of both optimisers, not on biases and norms [LDM: 0]"),
     ("optim.clip_grad", "gradient-norm clipping threshold of each network, 0 = off [LDM: off]"),
     ("optim.disc_lr_mult", "discriminator lr = this x the decoder's lr [LDM: 1]"),

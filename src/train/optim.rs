@@ -93,6 +93,10 @@ pub fn dinov2_multipliers(
     (lr_mult, wd_mult, name.contains("last_layer"))
 }
 
+/// The doc of every trainer's `optim.fused` key.
+pub const FUSED_DOC: &str = "AdamW as ATen's fused kernel, one pass over each tensor [torch: AdamW(fused=True)]; \
+     false = PyTorch's single-tensor update op for op [AdamW(foreach=False)]; the same update, rounded differently";
+
 /// The default of every trainer's `optim.fused`: the fused AdamW kernel.
 pub fn fused_by_default() -> bool {
     true
@@ -120,6 +124,12 @@ impl Default for AdamWConfig {
         Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, fused: true }
     }
 }
+
+/// One parameter's update in a step: its index, group lr, group weight decay and gradient.
+type Update = (usize, f64, f64, Tensor);
+
+/// The bits of (lr, weight decay, step count): the updates one fused call takes together.
+type FusedGroup = (u64, u64, u32);
 
 /// Per-parameter AdamW state, as torch keeps it.
 #[derive(Debug)]
@@ -162,8 +172,7 @@ impl AdamW {
     /// and `last_layer_lr`.
     pub fn step(&mut self, lr: f64, wd: f64, last_layer_lr: f64) -> Result<()> {
         let config = self.config;
-        // (group lr, group weight decay, the parameter's gradient) of every parameter that has one.
-        let mut updates = Vec::with_capacity(self.params.len());
+        let mut updates: Vec<Update> = Vec::with_capacity(self.params.len());
         for (i, p) in self.params.iter().enumerate() {
             let grad = p.tensor.grad();
             if grad.defined() {
@@ -184,28 +193,30 @@ impl AdamW {
 
     /// The fused update: one `_fused_adamw_` call per (lr, weight decay, step) group, which updates
     /// each tensor as a one-parameter group would (torch.optim.AdamW(fused=True) calls it per group).
-    fn fused_step(&mut self, updates: &[(usize, f64, f64, Tensor)]) -> Result<()> {
-        let mut groups: Vec<((u64, u64, u32), Vec<usize>)> = Vec::new();
-        for (u, (i, lr, wd, _)) in updates.iter().enumerate() {
+    fn fused_step(&mut self, updates: &[Update]) -> Result<()> {
+        // The updates that share lr, weight decay and step count, in first-seen order.
+        let mut groups: Vec<(FusedGroup, Vec<&Update>)> = Vec::new();
+        for update in updates {
+            let (i, lr, wd, _) = update;
             self.state[*i].step += 1.0;
             let key = (lr.to_bits(), wd.to_bits(), self.state[*i].step.to_bits());
             match groups.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, members)) => members.push(u),
-                None => groups.push((key, vec![u])),
+                Some((_, members)) => members.push(update),
+                None => groups.push((key, vec![update])),
             }
         }
         let raw = |t: &Tensor| t.as_ptr() as *mut c_void;
         for ((lr, wd, step), members) in groups {
-            let pick = |f: &dyn Fn(usize, &Tensor) -> *mut c_void| -> Vec<*mut c_void> {
-                members.iter().map(|&u| f(updates[u].0, &updates[u].3)).collect()
-            };
-            let steps: Vec<Tensor> = members
-                .iter()
-                .map(|&u| Tensor::from(f32::from_bits(step)).to_device(self.params[updates[u].0].tensor.device()))
-                .collect();
-            let (params, grads) = (pick(&|i, _| raw(&self.params[i].tensor)), pick(&|_, g| raw(g)));
-            let exp_avgs = pick(&|i, _| raw(&self.state[i].exp_avg));
-            let exp_avg_sqs = pick(&|i, _| raw(&self.state[i].exp_avg_sq));
+            let (mut params, mut grads, mut exp_avgs, mut exp_avg_sqs, mut steps) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (i, _, _, grad) in &members {
+                let (param, state) = (&self.params[*i].tensor, &self.state[*i]);
+                params.push(raw(param));
+                grads.push(raw(grad));
+                exp_avgs.push(raw(&state.exp_avg));
+                exp_avg_sqs.push(raw(&state.exp_avg_sq));
+                steps.push(Tensor::from(f32::from_bits(step)).to_device(param.device()));
+            }
             let step_ptrs: Vec<*mut c_void> = steps.iter().map(raw).collect();
             let c = &self.config;
             // SAFETY: every pointer is a live tch tensor (`at::Tensor*`) borrowed for the call; the

@@ -178,6 +178,7 @@ class State:
     def __init__(self, pv, cfg, model, head, teacher, world=1, rank=0, bf16=False):
         self.pv, self.cfg, self.model, self.head, self.teacher = pv, cfg, model, head, teacher
         self.world, self.rank, self.bf16 = world, rank, bf16
+        self.merge = cfg["loss"].get("merge_trunk_passes", False)
         self.loss_fn = self.losses
         self.profile, self.t = None, 0.0  # --profile: {phase: [seconds per step]}, the phase's start
         k = cfg["dino_head"]["out_dim"]
@@ -205,10 +206,44 @@ class State:
         outputs are `.float()`-ed before the losses, a no-op in f32)."""
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
-    def clip_loss(self, images, tokens):
+    def student_features(self, b):
+        """The student trunk's (cls, patches, grid) of the CLIP images, the global crops (iBOT-masked), the
+        local crops and the reconstruction images: one trunk pass each (the legacy meta-arch), or with
+        `merge` (vtp's `loss.merge_trunk_passes`) one pass over every group of the same image size, split
+        back by rows, the bottleneck applied to the rows that ask for it (vtp's `train::passes`)."""
+        wide, trunk = self.wide(), self.model.trunk
+        passes = [("clip", b["clip_images"], None, wide), ("global", b["global"], b["masks"], wide),
+                  ("local", b["local"], None, wide), ("recon", b["recon"], None, True)]
+        groups = []
+        for p in passes:
+            group = next((g for g in groups if self.merge and g[0][1].shape[1:] == p[1].shape[1:]), None)
+            groups.append([p]) if group is None else group.append(p)
+        out = {}
+        with self.fwd():
+            for group in groups:
+                if len(group) == 1:
+                    name, images, masks, bottleneck = group[0]
+                    out[name] = trunk_forward(self.pv, trunk, images, masks, bottleneck)
+                    continue
+                masks = None
+                if any(m is not None for _, _, m, _ in group):
+                    n = next(m for _, _, m, _ in group if m is not None).shape[1]
+                    masks = torch.cat([m if m is not None else torch.zeros(x.shape[0], n, dtype=torch.bool)
+                                       for _, x, m, _ in group])
+                cls, patches, grid = trunk_forward(self.pv, trunk, torch.cat([x for _, x, _, _ in group]), masks, False)
+                start = 0
+                for name, x, _, bottleneck in group:
+                    c, p = cls[start:start + x.shape[0]], patches[start:start + x.shape[0]]
+                    start += x.shape[0]
+                    if bottleneck and trunk.feature_bottleneck is not None:
+                        c, p = trunk.feature_bottleneck(c), trunk.feature_bottleneck(p)
+                    out[name] = (c, p, grid)
+        return out
+
+    def clip_loss(self, features, tokens):
         m = self.model
         with self.fwd():
-            cls, patches, _ = trunk_forward(self.pv, m.trunk, images, None, self.wide())
+            cls, patches, _ = features
             feat = cls if m.c["vision_clip_feat"] == "cls" else patches.mean(1)
             image_out = m.visual_proj(feat)
         image_features = F.normalize(image_out.float(), dim=-1)
@@ -230,7 +265,7 @@ class State:
             labels = torch.arange(logits_per_image.shape[0])
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
-    def ssl_losses(self, b, teacher_temp):
+    def ssl_losses(self, b, student, teacher_temp):
         l, idx, masks = self.cfg["loss"], b["mask_indices_list"], b["masks"]
         with torch.no_grad():
             with self.fwd():
@@ -242,10 +277,7 @@ class State:
             logits = logits.float()
             cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0]:]
             dino_targets, ibot_targets = self.teacher_targets(cls_logits, patch_logits, teacher_temp)
-        trunk = self.model.trunk
-        with self.fwd():
-            g_cls, g_patches, _ = trunk_forward(self.pv, trunk, b["global"], masks, self.wide())
-            l_cls, _, _ = trunk_forward(self.pv, trunk, b["local"], None, self.wide())
+        (g_cls, g_patches, _), (l_cls, _, _) = student["global"], student["local"]
         n_local = self.cfg["data"]["n_local_crops"]
         n_terms = (N_GLOBAL - 1) * N_GLOBAL + n_local * N_GLOBAL
         with self.fwd():
@@ -294,19 +326,21 @@ class State:
         l, m = self.cfg["loss"], self.model
         terms, total = [], torch.zeros([])
         self.t = time.perf_counter()
-        clip = self.clip_loss(b["clip_images"], b["tokens"])
+        student = self.student_features(b)
+        self.lap("student trunk")
+        clip = self.clip_loss(student["clip"], b["tokens"])
         total = total + clip * l["lambda_clip"]
         terms.append(("clip", clip))
         self.lap("clip forward")
-        ssl_terms = self.ssl_losses(b, sv["teacher_temp"])
+        ssl_terms = self.ssl_losses(b, student, sv["teacher_temp"])
         ssl = torch.zeros([])
         for (_, t), w in zip(ssl_terms, (l["dino_weight"], l["ibot_weight"], l["koleo_weight"])):
             ssl = ssl + t * w
         total = total + ssl * l["lambda_ssl"]
         terms += ssl_terms + [("ssl", ssl)]
         self.lap("ssl forward (teacher, student)")
+        _, patches, grid = student["recon"]
         with self.fwd():
-            _, patches, grid = trunk_forward(self.pv, m.trunk, b["recon"], None, True)
             bsz, _, ch = patches.shape
             reconstruction = m.get_latents_decoded_images(patches.transpose(1, 2).reshape(bsz, ch, *grid))
         rec_l1 = F.l1_loss(reconstruction.float(), b["recon"])
@@ -489,7 +523,7 @@ def bench_config(pv, a):
     return dict(model=model, objectives="all", data=dict(n_local_crops=a.n_local_crops),
                 loss=dict(lambda_rec=0.1, lambda_ssl=1.0, lambda_clip=1.0, dino_weight=1.0, ibot_weight=1.0,
                           koleo_weight=0.1, centering=a.centering, student_temp=0.1, center_momentum=0.9,
-                          l2_weight=a.l2_weight),
+                          l2_weight=a.l2_weight, merge_trunk_passes=a.merge_trunk_passes),
                 dino_head=dict(out_dim=a.out_dim, hidden_dim=a.hidden_dim, bottleneck_dim=a.bottleneck_dim),
                 optim=dict(beta1=0.9, beta2=0.999, eps=1e-8, clip_grad=3.0, layer_decay=0.9, patch_embed_lr_mult=0.2,
                            fused=a.fused))
@@ -594,6 +628,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                     help="--bench: AdamW(fused=True), as vtp's default optim.fused; --no-fused: AdamW(foreach=False)")
+    ap.add_argument("--merge-trunk-passes", action=argparse.BooleanOptionalAction, default=False,
+                    help="--bench: one student trunk pass per image size (vtp's loss.merge_trunk_passes, its default); "
+                    "default: one pass per objective, the legacy meta-arch")
     ap.add_argument("--profile", action="store_true", help="--bench: median seconds of each phase of the step "
                     "(as `vtp bench --profile`) in the JSON line, torch.profiler's op table on stderr")
     a = ap.parse_args()

@@ -260,6 +260,34 @@ fn multicrop_shapes_ranges_and_crop_major_collation() {
     }
 }
 
+/// The batched multi-crop (photometric ops over all images' crops at once) renders what each image's
+/// own multi-crop renders, collated crop-major: the same draws, the same pixels to ≤ 1e-5 (the bound
+/// of a batched path; it comes out bit-identical here).
+#[test]
+fn batched_multicrop_matches_per_image_multicrops() {
+    let aug = DinoMultiCrop::dinov2(64, 32, 4);
+    let images: Vec<RgbImage> = (0..12).map(|i| pattern(90 + 7 * i, 120 - 3 * i)).collect();
+    let per_image: Vec<_> =
+        images.iter().enumerate().map(|(i, img)| aug.apply(img, &mut sample_rng(9, i as u64))).collect();
+    let draws = per_image.iter().flat_map(|o| o.params.global.iter().chain(&o.params.local)).map(|p| p.photometric);
+    let kinds = draws.fold([0; 4], |mut n, p| {
+        n[0] += usize::from(p.jitter.is_some());
+        n[1] += usize::from(p.grayscale);
+        n[2] += usize::from(p.blur_sigma.is_some());
+        n[3] += usize::from(p.solarize);
+        n
+    });
+    assert!(kinds.iter().all(|&n| n > 0), "every photometric op is drawn at least once: {kinds:?}");
+    let (global, local) = collate_multicrop(&per_image);
+    let batched = aug.apply_batch(images.iter().enumerate().map(|(i, img)| (img, sample_rng(9, i as u64))).collect());
+    for (name, a, b) in [("global", &batched.0, &global), ("local", &batched.1, &local)] {
+        assert_eq!(a.size(), b.size(), "{name}");
+        let diff = max_diff(a, b);
+        println!("{name}: max |batched - per image| = {diff:e}");
+        assert!(diff <= 1e-5, "{name}: {diff:e}");
+    }
+}
+
 #[test]
 fn multicrop_is_deterministic_under_a_seed_on_any_thread() {
     let aug = DinoMultiCrop::dinov2(64, 32, 3);

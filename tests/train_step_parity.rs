@@ -8,7 +8,9 @@
 //! last layer frozen, lr in its warm-up, DINOv2 centring) and once at index 60 (last layer trained,
 //! cosine lr, Sinkhorn–Knopp). Every loss term must agree to ≤ 1e-5 relative and every tensor of the
 //! state after the step (student, DINO head, teacher after the EMA, AdamW moments and step counts,
-//! both centres) to ≤ 1e-5 relative L2 (the tolerances).
+//! both centres) to ≤ 1e-5 relative L2 (the tolerances). Both sides run the student trunk as
+//! the config says: merged passes (`loss.merge_trunk_passes`, the default; PyTorch merges the same
+//! way) or one pass per objective.
 //!
 //! Checked under both kernel sets, this machine's default (AVX-512) and AVX2-pinned
 //! (`ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` exported for the test and its Python
@@ -152,10 +154,10 @@ fn compare_state(rust: &[(String, Tensor)], torch: &HashMap<String, Tensor>) -> 
 
 /// Runs the steps at schedule indices `steps` on one batch in Rust and in PyTorch, with teacher
 /// targets `centering`, and compares every loss term and the final state.
-fn steps_match_pytorch(centering: &str, steps: &[u64]) {
+fn steps_match_pytorch(centering: &str, steps: &[u64], extra: &[&str]) {
     tch::set_num_threads(2);
     let mut overrides: Vec<String> =
-        [common::PRETRAIN_STEP_SMALL, OVERRIDES].concat().iter().map(|o| o.to_string()).collect();
+        [common::PRETRAIN_STEP_SMALL, OVERRIDES, extra].concat().iter().map(|o| o.to_string()).collect();
     overrides.push(format!("loss.centering={centering}"));
     let config = PretrainConfig::load("tiny", None, &overrides).unwrap();
     let single = vtp::dist::DataParallel::single().into();
@@ -198,16 +200,23 @@ fn steps_match_pytorch(centering: &str, steps: &[u64]) {
 
 #[test]
 fn a_step_with_the_last_layer_frozen_and_centering_matches_pytorch() {
-    steps_match_pytorch("centering", &[FROZEN_STEP]);
+    steps_match_pytorch("centering", &[FROZEN_STEP], &[]);
 }
 
 #[test]
 fn a_step_with_the_last_layer_trained_and_sinkhorn_knopp_matches_pytorch() {
-    steps_match_pytorch("sinkhorn_knopp", &[TRAINED_STEP]);
+    steps_match_pytorch("sinkhorn_knopp", &[TRAINED_STEP], &[]);
 }
 
 /// Two consecutive steps: the second one sees the first one's teacher, centres and AdamW moments.
 #[test]
 fn two_consecutive_steps_match_pytorch() {
-    steps_match_pytorch("centering", &[FROZEN_STEP, TRAINED_STEP]);
+    steps_match_pytorch("centering", &[FROZEN_STEP, TRAINED_STEP], &[]);
+}
+
+/// The same two steps with one student trunk pass per objective (`loss.merge_trunk_passes = false`,
+/// the legacy meta-arch) on both sides.
+#[test]
+fn two_consecutive_steps_with_one_trunk_pass_per_objective_match_pytorch() {
+    steps_match_pytorch("centering", &[FROZEN_STEP, TRAINED_STEP], &["loss.merge_trunk_passes=false"]);
 }

@@ -4,7 +4,7 @@
 //! to reconstruction (random square crop).
 use super::config::{BatchConfig, DataConfig, Objectives};
 use super::pretrain::N_GLOBAL_CROPS;
-use crate::data::augment::{collate_multicrop, Augment, ClipCrop, DinoMultiCrop, ReconCrop};
+use crate::data::augment::{Augment, ClipCrop, DinoMultiCrop, ReconCrop};
 use crate::data::masking::{collate_masks, MaskBatch, MaskingGenerator};
 use crate::data::Sample;
 use crate::model::text::token_ids;
@@ -149,12 +149,9 @@ impl BatchBuilder {
         let ssl = self.objectives.ssl().then(|| {
             let chosen: Vec<&Sample> = ssl_ids.iter().map(|&i| &samples[i]).collect();
             let seeds = seeds(chosen.len(), rng);
-            let crops: Vec<_> = chosen
-                .par_iter()
-                .zip(seeds)
-                .map(|(s, seed)| self.multicrop.apply(&s.image, &mut ChaCha8Rng::seed_from_u64(seed)))
-                .collect();
-            let (global, local) = collate_multicrop(&crops);
+            let images =
+                chosen.iter().zip(seeds).map(|(s, seed)| (&s.image, ChaCha8Rng::seed_from_u64(seed))).collect();
+            let (global, local) = self.multicrop.apply_batch(images);
             let masks = collate_masks(&self.masking, global.size()[0] as usize, rng);
             SslBatch { global, local, masks }
         });

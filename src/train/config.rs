@@ -87,6 +87,15 @@ pub struct LossConfig {
     pub clip_drop_path: f64,
     pub ssl_drop_path: f64,
     pub rec_drop_path: f64,
+    /// One student trunk pass over the requests of the same image size and drop-path rate
+    /// (`train::passes`); false: one pass per objective.
+    #[serde(default = "merge_by_default")]
+    pub merge_trunk_passes: bool,
+}
+
+/// `loss.merge_trunk_passes` when a config leaves it out: merged.
+fn merge_by_default() -> bool {
+    true
 }
 
 /// `[dino_head]`: the DINO head shared by DINO and iBOT (spec §4.4).
@@ -486,6 +495,7 @@ impl LossConfig {
             clip_drop_path: 0.0,
             ssl_drop_path: 0.1,
             rec_drop_path: 0.0,
+            merge_trunk_passes: true,
         }
     }
 }
@@ -614,6 +624,7 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("loss.clip_drop_path", "stochastic-depth rate of the student trunk in the CLIP forward"),
     ("loss.ssl_drop_path", "stochastic-depth rate of the student trunk in the SSL forward (teacher: 0)"),
     ("loss.rec_drop_path", "stochastic-depth rate of the trunk in the reconstruction forward"),
+    ("loss.merge_trunk_passes", "one student trunk pass over the CLIP, SSL and reconstruction images of the same size and drop-path rate (DINOv2's crop list; same mathematics, fewer launches); false = one pass per objective"),
     ("dino_head.out_dim", "prototypes K of the DINO head [DINOv2: 65536]"),
     ("dino_head.hidden_dim", "hidden width of the 3-layer MLP [DINOv2: 2048]"),
     ("dino_head.bottleneck_dim", "width before L2-normalisation and the weight-normalised last layer [DINOv2: 256]"),

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod objectives;
 pub mod online;
 pub mod optim;
+pub mod passes;
 pub mod plots;
 pub mod precision;
 pub mod pretrain;

@@ -2,9 +2,10 @@
 //! teacher, and one optimisation step of
 //! `L = λ_rec·(L1 + LPIPS) + λ_ssl·(L_dino + L_ibot + w_koleo·L_koleo) + λ_clip·L_clip`.
 //!
-//! The trunk runs once per objective with that objective's drop-path rate (the legacy meta-arch): CLIP
-//! and SSL on full-width tokens (`use_bottleneck = !vision_bottleneck_ae_only`), reconstruction through
-//! the 64-d bottleneck into the pixel decoder.
+//! The trunk serves each objective with that objective's drop-path rate (the legacy meta-arch; requests
+//! of the same size and rate share one pass, `train::passes`): CLIP and SSL on full-width tokens
+//! (`use_bottleneck = !vision_bottleneck_ae_only`), reconstruction through the 64-d bottleneck into the
+//! pixel decoder.
 use super::batch::{BatchBuilder, PretrainBatch, SslBatch};
 use super::config::{BatchConfig, PretrainConfig};
 use super::diagnostics::{mean_entropy, CollapseAlarm};
@@ -17,6 +18,7 @@ use super::objectives::koleo::koleo_per_crop;
 use super::objectives::recon::ReconLoss;
 use super::online::{online_evaluation, ReconGrid};
 use super::optim::{clip_grad_norm, dinov2_param_specs, AdamW};
+use super::passes::{run_trunk_passes, TrunkPass};
 use super::precision::f32;
 use super::profile::StepProfile;
 use super::run::{RunOptions, StepReport, Trainer};
@@ -53,6 +55,14 @@ fn student(model: &VtpModel, head_vs: &nn::VarStore) -> HashMap<String, Tensor> 
     let mut all = model.vs.variables();
     all.extend(head_vs.variables());
     all
+}
+
+/// The student trunk's features of one batch, per objective.
+struct StudentFeatures {
+    clip: Option<Features>,
+    /// Global crops (masked), local crops.
+    ssl: Option<(Features, Features)>,
+    recon: Features,
 }
 
 /// Everything stage 1 trains and its loss state.
@@ -135,11 +145,9 @@ impl Pretrainer {
     /// `L_clip`: InfoNCE (or SigLIP when the model has a logit bias) over the whole batch (spec §4.6):
     /// over several processes, this rank's pairs against every rank's features gathered with gradients.
     /// The towers run in the run's precision, the normalised features and the loss in f32.
-    fn clip_loss(&self, images: &Tensor, tokens: &Tensor) -> Result<Tensor> {
-        let wide = !self.model.config.vision_bottleneck_ae_only;
+    fn clip_loss(&self, f: &Features, tokens: &Tensor) -> Result<Tensor> {
         let (image_embedding, text_embedding) = self.amp(|| -> Result<_> {
-            let f = self.model.trunk.forward_train(images, None, self.config.loss.clip_drop_path, wide);
-            Ok((self.clip_image_embedding(&f)?, self.model.get_clip_text_feature(tokens, false)?))
+            Ok((self.clip_image_embedding(f)?, self.model.get_clip_text_feature(tokens, false)?))
         })??;
         let image_features = l2_normalize(&f32(&image_embedding));
         let text_features = l2_normalize(&f32(&text_embedding));
@@ -169,6 +177,7 @@ impl Pretrainer {
     fn ssl_losses(
         &mut self,
         ssl: &SslBatch,
+        (g, l): (&Features, &Features),
         teacher_temp: f64,
     ) -> Result<(Vec<(&'static str, Tensor)>, Vec<(&'static str, f64)>)> {
         let wide = !self.model.config.vision_bottleneck_ae_only;
@@ -189,14 +198,12 @@ impl Pretrainer {
                 self.ibot.teacher_targets(&patch_logits, teacher_temp, loss.centering, dp)?,
             ))
         })?;
-        let trunk = &self.model.trunk;
-        let (global_cls, local_cls, student_patches, g_cls) = self.amp(|| {
-            let g = trunk.forward_train(&ssl.global, Some(&ssl.masks.masks), loss.ssl_drop_path, wide);
-            let l = trunk.forward_train(&ssl.local, None, loss.ssl_drop_path, wide);
+        let (global_cls, local_cls, student_patches) = self.amp(|| {
             let (global_cls, local_cls) = (self.head.forward(&g.cls), self.head.forward(&l.cls));
             let patches = self.head.forward(&g.patches.flatten(0, 1).index_select(0, idx));
-            (f32(&global_cls), f32(&local_cls), f32(&patches), f32(&g.cls))
+            (f32(&global_cls), f32(&local_cls), f32(&patches))
         })?;
+        let g_cls = f32(&g.cls);
         let n_local = self.config.data.n_local_crops as i64;
         let dino = self.dino.dino_crops_loss(&global_cls, &local_cls, &dino_targets, N_GLOBAL_CROPS, n_local);
         let ibot = self.ibot.ibot_patch_loss(
@@ -214,22 +221,47 @@ impl Pretrainer {
         Ok((terms, diagnostics))
     }
 
+    /// The student trunk's features of every image batch of `batch` (`train::passes`), in the run's precision.
+    fn student_features(&self, batch: &PretrainBatch) -> Result<StudentFeatures> {
+        let (l, objectives) = (&self.config.loss, self.config.objectives);
+        let wide = !self.model.config.vision_bottleneck_ae_only;
+        let pass = |images, masks, drop_path, bottleneck| TrunkPass { images, masks, drop_path, bottleneck };
+        let mut passes = Vec::new();
+        let clip = batch.clip_images.as_ref().filter(|_| objectives.clip());
+        if let Some(images) = clip {
+            passes.push(pass(images, None, l.clip_drop_path, wide));
+        }
+        let ssl = batch.ssl.as_ref().filter(|_| objectives.ssl());
+        if let Some(ssl) = ssl {
+            passes.push(pass(&ssl.global, Some(&ssl.masks.masks), l.ssl_drop_path, wide));
+            passes.push(pass(&ssl.local, None, l.ssl_drop_path, wide));
+        }
+        passes.push(pass(&batch.recon, None, l.rec_drop_path, true));
+        let trunk = &self.model.trunk;
+        let mut features = self.amp(|| run_trunk_passes(trunk, &passes, l.merge_trunk_passes))?.into_iter();
+        let mut next = || features.next().expect("one features per pass");
+        let clip = clip.map(|_| next());
+        let ssl = ssl.map(|_| (next(), next()));
+        Ok(StudentFeatures { clip, ssl, recon: next() })
+    }
+
     /// The loss of one batch and its terms (scalars, differentiable).
     pub fn losses(&mut self, batch: &PretrainBatch, sv: &ScheduleValues) -> Result<Losses> {
         let l = self.config.loss.clone();
-        let objectives = self.config.objectives;
         let mut terms: Vec<(&'static str, Tensor)> = Vec::new();
         let mut diagnostics = Vec::new();
         let mut total = Tensor::zeros([], (Kind::Float, self.model.device()));
         let mut t = Instant::now();
-        if let (true, Some(images), Some(tokens)) = (objectives.clip(), &batch.clip_images, &batch.tokens) {
-            let clip = self.clip_loss(images, tokens)?;
+        let student = self.student_features(batch)?;
+        self.lap("student trunk", &mut t);
+        if let (Some(f), Some(tokens)) = (&student.clip, &batch.tokens) {
+            let clip = self.clip_loss(f, tokens)?;
             total += &clip * l.lambda_clip;
             terms.push(("clip", clip));
             self.lap("clip forward", &mut t);
         }
-        if let (true, Some(ssl)) = (objectives.ssl(), &batch.ssl) {
-            let (ssl_terms, ssl_diagnostics) = self.ssl_losses(ssl, sv.teacher_temp)?;
+        if let (Some((g, local)), Some(ssl)) = (&student.ssl, &batch.ssl) {
+            let (ssl_terms, ssl_diagnostics) = self.ssl_losses(ssl, (g, local), sv.teacher_temp)?;
             diagnostics = ssl_diagnostics;
             let weights = [l.dino_weight, l.ibot_weight, l.koleo_weight];
             let ssl_total =
@@ -239,10 +271,9 @@ impl Pretrainer {
             terms.push(("ssl", ssl_total));
             self.lap("ssl forward (teacher, student)", &mut t);
         }
-        let reconstruction = f32(&self.amp(|| {
-            let f = self.model.trunk.forward_train(&batch.recon, None, l.rec_drop_path, true);
-            self.model.get_latents_decoded_images(&tokens_to_map(&f.patches, f.grid))
-        })??);
+        let f = &student.recon;
+        let reconstruction =
+            f32(&self.amp(|| self.model.get_latents_decoded_images(&tokens_to_map(&f.patches, f.grid)))??);
         let rec = self.recon.forward(&batch.recon, &reconstruction)?;
         total += &rec.total * l.lambda_rec;
         terms.push(("rec_l1", rec.l1));

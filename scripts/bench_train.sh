@@ -13,6 +13,9 @@
 #   4. Leak check: `vtp bench` of both training modes on the `tiny` preset (64²) for 200 steps, with
 #      the resident memory after steps 20 and 200.
 # Both pre-training steps are profiled (`--profile`: the median seconds of each phase, side by side).
+# vtp-rs runs its default one student trunk pass per image size (`loss.merge_trunk_passes`); PyTorch
+# runs one pass per objective (the legacy meta-arch), and again with the same merge
+# (`--merge-trunk-passes`) to show what eager PyTorch gains from the same trick.
 # Both sides use the fused AdamW (vtp's `optim.fused`, torch's `AdamW(fused=True)`); NO_FUSED=1 runs
 # both with the single-tensor update instead (torch's CPU default).
 # Prints every JSON line, then the ratios. Usage: scripts/bench_train.sh (ITERS=2 WARMUP=1 by default).
@@ -33,6 +36,10 @@ torch_pre=$(python benches/pytorch_pretrain.py --bench --bench-dir "$(dirname "$
   --batch 8 --batch-ssl 2 --batch-recon 1 --clip-size 256 --global-size 224 --local-size 96 --n-local-crops 8 \
   --recon-size 256 "${T[@]}" --profile $TORCH_FUSED 2>/dev/null)
 echo "$torch_pre"
+torch_pre_merged=$(python benches/pytorch_pretrain.py --bench --bench-dir "$(dirname "$PYBENCH")" --preset small --threads 2 \
+  --batch 8 --batch-ssl 2 --batch-recon 1 --clip-size 256 --global-size 224 --local-size 96 --n-local-crops 8 \
+  --recon-size 256 "${T[@]}" $TORCH_FUSED --merge-trunk-passes 2>/dev/null)
+echo "$torch_pre_merged"
 rust_rec=$("${VTP[@]}" --mode recon-step --preset small --size 256 --batch 4 "${T[@]}" "${FUSED[@]}" 2>/dev/null)
 echo "$rust_rec"
 torch_rec=$(python "$PYBENCH" --preset small --mode train-step --optim --size 256 --batch 4 --threads 2 "${T[@]}")
@@ -45,20 +52,28 @@ torch_tiny=$(python benches/pytorch_pretrain.py --bench --bench-dir "$(dirname "
   --batch 64 --batch-ssl 16 --batch-recon 16 --clip-size 64 --recon-size 64 "${TINY_ARGS[@]}" "${TT[@]}" --profile \
   $TORCH_FUSED 2>/dev/null)
 echo "$torch_tiny"
+torch_tiny_merged=$(python benches/pytorch_pretrain.py --bench --bench-dir "$(dirname "$PYBENCH")" --preset tiny --threads 2 \
+  --batch 64 --batch-ssl 16 --batch-recon 16 --clip-size 64 --recon-size 64 "${TINY_ARGS[@]}" "${TT[@]}" \
+  $TORCH_FUSED --merge-trunk-passes 2>/dev/null)
+echo "$torch_tiny_merged"
 leak_pre=$("${VTP[@]}" --mode pretrain-step --preset tiny --size 64 --batch 8 --iters 200 --warmup 0 2>/dev/null)
 echo "$leak_pre"
 leak_rec=$("${VTP[@]}" --mode recon-step --preset tiny --size 64 --batch 4 --iters 200 --warmup 0 2>/dev/null)
 echo "$leak_rec"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
-python - "$rust_pre" "$torch_pre" "$rust_rec" "$torch_rec" "$leak_pre" "$leak_rec" "$rust_tiny" "$torch_tiny" <<'PY'
+python - "$rust_pre" "$torch_pre" "$rust_rec" "$torch_rec" "$leak_pre" "$leak_rec" "$rust_tiny" "$torch_tiny" \
+  "$torch_pre_merged" "$torch_tiny_merged" <<'PY'
 import json, sys
-rp, tp, rr, tr, lp, lr, rt, tt = (json.loads(a) for a in sys.argv[1:9])
+rp, tp, rr, tr, lp, lr, rt, tt, tpm, ttm = (json.loads(a) for a in sys.argv[1:11])
 for name, r, t in (("pretrain-step small", rp, tp), ("recon-step small", rr, tr), ("pretrain-step tiny", rt, tt)):
     mem = f", peak RSS {r['peak_rss_mib']:.0f} MiB vs {t['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in t else \
         f", vtp-rs peak RSS {r['peak_rss_mib']:.0f} MiB"
     print(f"{name}: vtp-rs {r['img_per_s']:.4f} img/s ({r['s_per_iter']:.2f} s/step), PyTorch {t['img_per_s']:.4f} img/s "
           f"({t['s_per_iter']:.2f} s/step), ratio {r['img_per_s'] / t['img_per_s']:.3f}x{mem}")
+for name, r, t in (("pretrain-step small", rp, tpm), ("pretrain-step tiny", rt, ttm)):
+    print(f"{name}: PyTorch with the same merged trunk passes {t['img_per_s']:.4f} img/s, ratio "
+          f"{r['img_per_s'] / t['img_per_s']:.3f}x")
 for name, r, t in (("pretrain-step small", rp, tp), ("pretrain-step tiny", rt, tt)):
     print(f"{name} phases (median ms): vtp-rs / PyTorch")
     for phase in r["phases"]:

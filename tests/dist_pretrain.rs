@@ -111,6 +111,7 @@ fn finetune_images() -> Tensor {
 
 #[test]
 fn two_ranks_take_the_one_process_stage_2_step() {
+    let _generator = common::torch_generator();
     if common::ran_pinned("two_ranks_take_the_one_process_stage_2_step") {
         return;
     }
@@ -134,6 +135,7 @@ fn two_ranks_take_the_one_process_stage_2_step() {
 #[test]
 #[ignore]
 fn rank_worker() {
+    let _generator = common::torch_generator();
     if let Ok(model) = std::env::var("VTP_TEST_MODEL") {
         let out = std::env::var("VTP_TEST_OUT").unwrap();
         let dp = DataParallel::join(&worker_dist_config()).unwrap();
@@ -270,6 +272,7 @@ fn compare(
 
 #[test]
 fn two_ranks_take_the_one_process_step_with_ssl_and_centring() {
+    let _generator = common::torch_generator();
     if common::ran_pinned("two_ranks_take_the_one_process_step_with_ssl_and_centring") {
         return;
     }
@@ -279,6 +282,7 @@ fn two_ranks_take_the_one_process_step_with_ssl_and_centring() {
 
 #[test]
 fn two_ranks_take_the_one_process_step_with_ssl_and_sinkhorn_knopp() {
+    let _generator = common::torch_generator();
     if common::ran_pinned("two_ranks_take_the_one_process_step_with_ssl_and_sinkhorn_knopp") {
         return;
     }
@@ -288,6 +292,7 @@ fn two_ranks_take_the_one_process_step_with_ssl_and_sinkhorn_knopp() {
 
 #[test]
 fn two_ranks_take_the_one_process_step_with_gathered_clip() {
+    let _generator = common::torch_generator();
     if common::ran_pinned("two_ranks_take_the_one_process_step_with_gathered_clip") {
         return;
     }
@@ -298,6 +303,7 @@ fn two_ranks_take_the_one_process_step_with_gathered_clip() {
 
 #[test]
 fn two_ranks_take_the_one_process_step_with_all_objectives() {
+    let _generator = common::torch_generator();
     if common::ran_pinned("two_ranks_take_the_one_process_step_with_all_objectives") {
         return;
     }
@@ -306,6 +312,7 @@ fn two_ranks_take_the_one_process_step_with_all_objectives() {
 
 #[test]
 fn two_ranks_take_the_one_process_step_with_all_objectives_and_overlapped_buckets() {
+    let _generator = common::torch_generator();
     if common::ran_pinned("two_ranks_take_the_one_process_step_with_all_objectives_and_overlapped_buckets") {
         return;
     }

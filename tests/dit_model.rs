@@ -120,6 +120,7 @@ fn check_against_dump(tag: &str, model: &LightningDit, d: &HashMap<String, Tenso
 
 #[test]
 fn tiny_fixture_forward_and_cfg_match_the_official_model() {
+    let _generator = common::torch_generator();
     tch::set_num_threads(2);
     let dir = common::fixture("lightningdit-tiny");
     let model = LightningDit::load_dir(&dir, Device::Cpu).expect("fixture loads");
@@ -168,6 +169,7 @@ fn tiny_fixture_forward_and_cfg_match_the_official_model() {
 
 #[test]
 fn alt_fixture_forward_matches_the_official_model() {
+    let _generator = common::torch_generator();
     tch::set_num_threads(2);
     let dir = common::fixture("lightningdit-tiny/alt");
     let model = LightningDit::load_dir(&dir, Device::Cpu).expect("alt fixture loads");
@@ -184,6 +186,7 @@ fn alt_fixture_forward_matches_the_official_model() {
 
 #[test]
 fn fixtures_match_bit_exactly_on_avx2_kernels() {
+    let _generator = common::torch_generator();
     // libtorch reads the pinning variables at start: re-run the fixture tests in a pinned child.
     let out = common::rerun_pinned(&FIXTURE_TESTS, &[]);
     assert!(out.matches("(AVX2-pinned kernels").count() == 2, "{out}");
@@ -191,6 +194,7 @@ fn fixtures_match_bit_exactly_on_avx2_kernels() {
 
 #[test]
 fn fresh_fixed_tables_equal_the_checkpoint_tables() {
+    let _generator = common::torch_generator();
     for name in ["lightningdit-tiny", "lightningdit-tiny/alt"] {
         let dir = common::fixture(name);
         let config = DitConfig::from_file(&dir.join("config.json")).unwrap();
@@ -212,6 +216,7 @@ fn fresh_fixed_tables_equal_the_checkpoint_tables() {
 
 #[test]
 fn cfg_scale_one_is_the_conditional_model_and_all_guides_every_channel() {
+    let _generator = common::torch_generator();
     tch::set_num_threads(2);
     let dir = common::fixture("lightningdit-tiny");
     let model = LightningDit::load_dir(&dir, Device::Cpu).unwrap();
@@ -258,6 +263,7 @@ fn cfg_scale_one_is_the_conditional_model_and_all_guides_every_channel() {
 
 #[test]
 fn label_dropout_only_in_training() {
+    let _generator = common::torch_generator();
     tch::set_num_threads(2);
     let dir = common::fixture("lightningdit-tiny");
     let mut config = DitConfig::from_file(&dir.join("config.json")).unwrap();
@@ -277,6 +283,7 @@ fn label_dropout_only_in_training() {
 
 #[test]
 fn gradients_reach_every_parameter_and_no_table() {
+    let _generator = common::torch_generator();
     tch::set_num_threads(2);
     let dir = common::fixture("lightningdit-tiny");
     let model = LightningDit::load_dir(&dir, Device::Cpu).unwrap();
@@ -294,6 +301,7 @@ fn gradients_reach_every_parameter_and_no_table() {
 
 #[test]
 fn init_follows_the_spec_and_separates_parameters_from_tables() {
+    let _generator = common::torch_generator();
     tch::manual_seed(0);
     let model = LightningDit::new(DitConfig::preset("tiny").unwrap(), Device::Cpu).unwrap();
     let sd = model.state_dict();
@@ -332,6 +340,7 @@ fn init_follows_the_spec_and_separates_parameters_from_tables() {
 
 #[test]
 fn presets_match_pytorch_dit_and_the_spec_counts() {
+    let _generator = common::torch_generator();
     let tiny = DitConfig::preset("tiny").unwrap();
     assert_eq!((tiny.input_size, tiny.patch_size, tiny.in_channels, tiny.num_classes), (16, 1, 64, 1000));
     assert!(tiny.use_swiglu && tiny.use_rope && tiny.use_rmsnorm && !tiny.use_qknorm && !tiny.wo_shift);
@@ -356,6 +365,7 @@ fn presets_match_pytorch_dit_and_the_spec_counts() {
 
 #[test]
 fn a_pytorch_dit_checkpoint_loads_and_matches_pytorch() {
+    let _generator = common::torch_generator();
     tch::set_num_threads(2);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("py-tiny");
@@ -390,6 +400,7 @@ fn a_pytorch_dit_checkpoint_loads_and_matches_pytorch() {
 
 #[test]
 fn a_saved_checkpoint_loads_in_pytorch_and_matches() {
+    let _generator = common::torch_generator();
     tch::set_num_threads(2);
     tch::manual_seed(7);
     let tmp = tempfile::tempdir().unwrap();
@@ -418,6 +429,7 @@ fn a_saved_checkpoint_loads_in_pytorch_and_matches() {
 
 #[test]
 fn a_checkpoint_of_another_architecture_is_an_error_naming_the_keys() {
+    let _generator = common::torch_generator();
     let tiny = common::fixture("lightningdit-tiny");
     let alt = common::fixture("lightningdit-tiny/alt");
     let tmp = tempfile::tempdir().unwrap();

@@ -25,6 +25,7 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn grid_endpoints_monotone_and_shift() {
+    let _generator = common::torch_generator();
     let plain = time_grid(&config(Method::Euler, 250, 0.0));
     assert_eq!(plain.len(), 250);
     assert_eq!((plain[0], plain[249]), (0.0, 1.0), "unshifted endpoints are exact");
@@ -52,6 +53,7 @@ fn grid_endpoints_monotone_and_shift() {
 /// A constant field is integrated exactly by both methods on any grid: `x(T) = x0 + c·T`.
 #[test]
 fn constant_field_exact() {
+    let _generator = common::torch_generator();
     let x0 = x0_f64();
     let c = Tensor::randn([1, 4, 1, 1], (Kind::Double, Device::Cpu));
     for method in [Method::Euler, Method::Heun] {
@@ -79,6 +81,7 @@ fn linear_field_error(method: Method, steps: i64, shift: f64) -> f64 {
 /// `dx/dt = a·x`: Euler converges at O(h), Heun at O(h²), Heun far more accurate; also on a shifted grid.
 #[test]
 fn linear_field_convergence_orders() {
+    let _generator = common::torch_generator();
     for shift in [0.0, 0.075] {
         // Points 41, 401, 4001 (the shifted grid's largest step is ~h/s, so fewer points are pre-asymptotic).
         let points = [41, 401, 4001];
@@ -102,6 +105,7 @@ fn linear_field_convergence_orders() {
 /// `v(x, t) = b + m·t`: the trapezoid is exact (`x(T) = x0 + b·T + m·T²/2`) on any grid, Euler is not.
 #[test]
 fn heun_exact_for_affine_in_t() {
+    let _generator = common::torch_generator();
     let x0 = x0_f64();
     let b = Tensor::from_slice(&[0.3f64, -1.0, 2.0, 0.5]).view([1, 4, 1, 1]);
     let m = Tensor::from_slice(&[1.0f64, 4.0, -3.0, 0.25]).view([1, 4, 1, 1]);
@@ -125,6 +129,7 @@ fn heun_exact_for_affine_in_t() {
 /// the node times; sampling runs without autograd.
 #[test]
 fn progress_calls_and_no_grad() {
+    let _generator = common::torch_generator();
     let x0 = Tensor::randn([2, 3], (Kind::Float, Device::Cpu));
     let w = Tensor::ones([1], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     for method in [Method::Euler, Method::Heun] {
@@ -153,6 +158,7 @@ fn progress_calls_and_no_grad() {
 
 #[test]
 fn config_defaults_validation_and_toml() {
+    let _generator = common::torch_generator();
     let d = SamplerConfig::default();
     assert_eq!((d.method, d.steps, d.shift, d.cfg_scale, d.cfg_interval_start), (Method::Euler, 250, 0.075, 1.0, 0.0));
     assert!(!d.uses_cfg() && d.validate().is_ok() && d.model_calls() == 249);
@@ -169,6 +175,7 @@ fn config_defaults_validation_and_toml() {
 /// closure `v = sin(x)·t − 0.5·x`, f32, with and without shift; Heun checked against a direct PyTorch loop.
 #[test]
 fn euler_matches_bench_sample_euler() {
+    let _generator = common::torch_generator();
     let dir = tempfile::tempdir().unwrap();
     tch::manual_seed(11);
     let x0 = Tensor::randn([2, 4, 3, 3], (Kind::Float, Device::Cpu));

@@ -56,6 +56,7 @@ fn per_channel(v: &Tensor) -> Tensor {
 
 #[test]
 fn latent_statistics_round_trip_and_are_applied_exactly_once() {
+    let _generator = common::torch_generator();
     let tmp = tempfile::tempdir().unwrap();
     let (_, cache_dir) = tokenizer_and_cache(tmp.path());
     let manifest = CacheManifest::read(&cache_dir).unwrap();
@@ -147,6 +148,7 @@ fn latent_statistics_round_trip_and_are_applied_exactly_once() {
 
 #[test]
 fn extraction_resumes_to_identical_shards_and_flips_are_the_flipped_images_latents() {
+    let _generator = common::torch_generator();
     let tmp = tempfile::tempdir().unwrap();
     let (model_dir, whole) = tokenizer_and_cache(tmp.path());
     let split = tmp.path().join("split");
@@ -190,6 +192,7 @@ fn extraction_resumes_to_identical_shards_and_flips_are_the_flipped_images_laten
 
 #[test]
 fn dit_resume_is_bit_identical() {
+    let _generator = common::torch_generator();
     let tmp = tempfile::tempdir().unwrap();
     let (_, cache) = tokenizer_and_cache(tmp.path());
     let (whole, split) = (tmp.path().join("whole"), tmp.path().join("split"));
@@ -221,6 +224,7 @@ fn dit_resume_is_bit_identical() {
 
 #[test]
 fn an_injected_nan_is_skipped_and_a_run_that_stays_nan_stops() {
+    let _generator = common::torch_generator();
     let tmp = tempfile::tempdir().unwrap();
     let (_, cache) = tokenizer_and_cache(tmp.path());
     let run = tmp.path().join("nan");
@@ -247,6 +251,7 @@ fn an_injected_nan_is_skipped_and_a_run_that_stays_nan_stops() {
 
 #[test]
 fn the_flow_loss_falls() {
+    let _generator = common::torch_generator();
     let tmp = tempfile::tempdir().unwrap();
     let (_, cache) = tokenizer_and_cache(tmp.path());
     let run = tmp.path().join("run");

@@ -30,6 +30,7 @@ fn check(name: &str, a: &Tensor, b: &Tensor) {
 
 #[test]
 fn path_matches_fixture() {
+    let _generator = common::torch_generator();
     let f = fixture();
     let (xt, ut) = interpolate(&f["x0"], &f["x1"], &f["t"]);
     check("xt", &xt, &f["xt"]);
@@ -38,6 +39,7 @@ fn path_matches_fixture() {
 
 #[test]
 fn loss_terms_match_fixture() {
+    let _generator = common::torch_generator();
     let f = fixture();
     let l = loss(&f["pred"], &f["ut"], true);
     check("loss_mse_per_sample", &l.mse_per_sample, &f["loss_mse_per_sample"]);
@@ -53,6 +55,7 @@ fn loss_terms_match_fixture() {
 /// model is given) and the loss.
 #[test]
 fn training_loss_composes_path_model_and_loss() {
+    let _generator = common::torch_generator();
     let f = fixture();
     let mut calls = 0;
     let l = training_loss(
@@ -74,6 +77,7 @@ fn training_loss_composes_path_model_and_loss() {
 /// Gradients flow through the total loss to the prediction.
 #[test]
 fn loss_is_differentiable() {
+    let _generator = common::torch_generator();
     let f = fixture();
     let pred = f["pred"].copy().set_requires_grad(true);
     loss(&pred, &f["ut"], true).total.backward();
@@ -91,6 +95,7 @@ fn logit_stats(t: &Tensor) -> (f64, f64, f64, f64) {
 
 #[test]
 fn logit_normal_statistics() {
+    let _generator = common::torch_generator();
     const N: i64 = 20_000;
     for sampling in [TimeSampling::OFFICIAL, TimeSampling::VTP_S_B_STATED, TimeSampling::VTP_L_STATED] {
         let TimeSampling::LogitNormal { mu, sigma } = sampling else { unreachable!() };
@@ -115,6 +120,7 @@ fn logit_normal_statistics() {
 
 #[test]
 fn uniform_statistics() {
+    let _generator = common::torch_generator();
     const N: i64 = 20_000;
     tch::manual_seed(1);
     let t = sample_t(N, &TimeSampling::Uniform, Device::Cpu).to_kind(Kind::Double);
@@ -128,6 +134,7 @@ fn uniform_statistics() {
 /// The TOML form a config uses: `kind` plus optional `mu`/`sigma` (defaults 0 and 1).
 #[test]
 fn time_sampling_config_form() {
+    let _generator = common::torch_generator();
     #[derive(serde::Deserialize, serde::Serialize)]
     struct C {
         t: TimeSampling,
@@ -148,6 +155,7 @@ fn time_sampling_config_form() {
 /// fixture's `x_t` is its `pred`, and the composed loss its `loss_total` / `loss_mse`.
 #[test]
 fn training_loss_with_the_fixture_model_matches() {
+    let _generator = common::torch_generator();
     let f = fixture();
     let model = vtp::dit::model::LightningDit::load_dir(&common::fixture("lightningdit-tiny"), Device::Cpu).unwrap();
     let y = f["y"].shallow_clone();

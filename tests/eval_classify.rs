@@ -1,5 +1,6 @@
 //! Understanding evaluations (spec §5.1, §5.2): class names and templates, zero-shot classification,
 //! linear probing (feature protocols, cache, trainer), on a tiny random model and synthetic data.
+mod common;
 use std::cell::Cell;
 
 use image::{Rgb, RgbImage};
@@ -45,6 +46,7 @@ fn synthetic_batches(
 
 #[test]
 fn imagenet_names_and_templates_are_openclips() {
+    let _generator = common::torch_generator();
     let names = classnames::imagenet_classnames();
     assert_eq!(names.len(), 1000);
     assert_eq!(&names[..3], ["tench", "goldfish", "great white shark"]);
@@ -63,6 +65,7 @@ fn imagenet_names_and_templates_are_openclips() {
 
 #[test]
 fn class_sets_resolve_by_name() {
+    let _generator = common::torch_generator();
     let imagenet = classnames::resolve("imagenet").unwrap();
     assert_eq!((imagenet.class_names.len(), imagenet.templates.len(), imagenet.label_key.as_str()), (1000, 80, "cls"));
     let cifar = classnames::resolve("cifar10").unwrap();
@@ -88,6 +91,7 @@ fn class_sets_resolve_by_name() {
 
 #[test]
 fn logits_and_topk_on_known_cases() {
+    let _generator = common::torch_generator();
     // Image features equal to a class's weight column: that class wins, with logit 100.
     let w = Tensor::from_slice(&[1.0f32, 0.0, 0.6, 0.0, 1.0, 0.8]).view([2, 3]); // unit columns [Wt=2, C=3]
     let feats = w.tr().contiguous();
@@ -112,6 +116,7 @@ fn logits_and_topk_on_known_cases() {
 
 #[test]
 fn zero_shot_classifier_on_a_tiny_model() {
+    let _generator = common::torch_generator();
     let model = tiny_model();
     let set = classnames::resolve("synthetic-shape").unwrap();
     let clf = ZeroShotClassifier::build(&model, &set.class_names, &set.templates, 3).unwrap();
@@ -162,6 +167,7 @@ fn zero_shot_classifier_on_a_tiny_model() {
 
 #[test]
 fn preprocessing_sizes() {
+    let _generator = common::torch_generator();
     let img = RgbImage::from_fn(40, 20, |x, y| Rgb([x as u8 * 6, y as u8 * 12, 77]));
     let t = squash_resize(&img, 32).unwrap();
     assert_eq!((t.width, t.height, t.data.len()), (32, 32, 3 * 32 * 32));
@@ -180,6 +186,7 @@ fn preprocessing_sizes() {
 
 #[test]
 fn feature_protocols_on_a_tiny_model() {
+    let _generator = common::torch_generator();
     let model = tiny_model();
     let images = || synthetic_batches(6, 48, 48, "shape", 4);
     let mut by_name = std::collections::HashMap::new();
@@ -218,6 +225,7 @@ fn feature_protocols_on_a_tiny_model() {
 
 #[test]
 fn feature_cache_computes_once() {
+    let _generator = common::torch_generator();
     let model = tiny_model();
     let dir = tempfile::tempdir().unwrap();
     let cache = FeatureCache::new(dir.path().join("feats"));
@@ -269,6 +277,7 @@ fn blobs(classes: i64, per_class: i64, dim: i64, seed: i64) -> (Tensor, Tensor) 
 
 #[test]
 fn linear_probe_separates_gaussian_blobs() {
+    let _generator = common::torch_generator();
     let (train_x, train_y) = blobs(4, 100, 16, 1);
     let (val_x, val_y) = blobs(4, 50, 16, 2);
     let config = ProbeConfig { epochs: 10, batch_size: 32, ..ProbeConfig::default() };
@@ -299,6 +308,7 @@ fn linear_probe_separates_gaussian_blobs() {
 
 #[test]
 fn linear_probe_end_to_end_on_synthetic_features() {
+    let _generator = common::torch_generator();
     let model = tiny_model();
     let feats = |split: &str, n: usize| {
         let stream =

@@ -50,6 +50,7 @@ fn tiny_model() -> VtpModel {
 
 #[test]
 fn folder_classes_are_the_sorted_sub_folders_and_label_the_samples() {
+    let _generator = common::torch_generator();
     let tmp = tempfile::tempdir().unwrap();
     write_class_folders(tmp.path(), &CLASSES, 3, 0);
     let spec = s(tmp.path());
@@ -89,6 +90,7 @@ fn folder_classes_are_the_sorted_sub_folders_and_label_the_samples() {
 
 #[test]
 fn eval_runs_zero_shot_and_the_linear_probe_on_class_folders() {
+    let _generator = common::torch_generator();
     let tmp = tempfile::tempdir().unwrap();
     let model = common::init_tiny_model(tmp.path(), 1);
     let (val, train) = (tmp.path().join("val"), tmp.path().join("train"));
@@ -146,6 +148,7 @@ fn assert_error(o: &std::process::Output, needles: &[&str]) {
 
 #[test]
 fn data_without_folder_labels_is_a_one_line_error() {
+    let _generator = common::torch_generator();
     let tmp = tempfile::tempdir().unwrap();
     let model = common::init_tiny_model(tmp.path(), 1);
     let eval = |data: &str, tasks: &str, extra: &[&str]| {
@@ -178,6 +181,7 @@ fn data_without_folder_labels_is_a_one_line_error() {
 
 #[test]
 fn help_explains_the_folder_class_set() {
+    let _generator = common::torch_generator();
     let o = vtp(&["eval", "--help"]);
     assert_success(&o, "vtp eval --help");
     let help = String::from_utf8_lossy(&o.stdout).split_whitespace().collect::<Vec<_>>().join(" ");

@@ -3,6 +3,7 @@
 //! formats and the TorchScript file load; `convert_to_safetensors` round-trips; rows are batch-size independent.
 //! References come from `tests/scripts/inception_reference.py`, run with the project venv's Python (a missing
 //! venv or package fails the test).
+mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
@@ -69,6 +70,7 @@ fn check(what: &str, ours: &Tensor, reference: &Tensor, failures: &mut Vec<Strin
 
 #[test]
 fn fid_inception_matches_pytorch_fid_and_fid_helper() {
+    let _generator = common::torch_generator();
     tch::set_num_threads(2);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -150,6 +152,7 @@ fn fid_inception_matches_pytorch_fid_and_fid_helper() {
 
 #[test]
 fn load_errors_name_the_file() {
+    let _generator = common::torch_generator();
     let tmp = tempfile::tempdir().unwrap();
     let junk = tmp.path().join("junk.pth");
     std::fs::write(&junk, b"not a checkpoint at all").unwrap();
@@ -179,6 +182,7 @@ fn load_errors_name_the_file() {
 
 #[test]
 fn default_weight_paths_order() {
+    let _generator = common::torch_generator();
     // Environment-independent part: the documented file names appear, pytorch-fid's first in each folder.
     let paths = inception::default_weight_paths();
     if std::env::var_os("HOME").is_none() && std::env::var_os("VTP_WEIGHTS").is_none() {
@@ -197,6 +201,7 @@ fn default_weight_paths_order() {
 #[test]
 #[ignore]
 fn bench_inception_cpu() {
+    let _generator = common::torch_generator();
     let n: i64 = std::env::var("VTP_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
     let batch: i64 = 50;
     tch::set_num_threads(2);

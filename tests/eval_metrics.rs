@@ -12,6 +12,7 @@ fn scalar(t: &Tensor) -> f64 {
 
 #[test]
 fn frechet_distance_matches_pytorch_fid() {
+    let _generator = common::torch_generator();
     let fx = read_safetensors_map(&common::fixture("frechet.safetensors")).unwrap();
     assert_eq!(scalar(&fx["eps"]), FID_EPS);
     for case in ["a", "b", "c"] {
@@ -40,6 +41,7 @@ fn frechet_distance_matches_pytorch_fid() {
 
 #[test]
 fn frechet_distance_of_identical_sets_is_zero_and_shapes_are_checked() {
+    let _generator = common::torch_generator();
     tch::manual_seed(0);
     let x = Tensor::randn([200, 16], (Kind::Double, Device::Cpu));
     let s = GaussianStats::from_features(&x).unwrap();
@@ -51,6 +53,7 @@ fn frechet_distance_of_identical_sets_is_zero_and_shapes_are_checked() {
 
 #[test]
 fn psnr_of_hand_computable_cases() {
+    let _generator = common::torch_generator();
     let a = Tensor::zeros([2, 3, 4, 4], (Kind::Float, Device::Cpu));
     let b = a.copy();
     let _ = b.get(0).fill_(0.1); // mse 0.01 -> 20 dB
@@ -69,6 +72,7 @@ fn psnr_of_hand_computable_cases() {
 
 #[test]
 fn ssim_of_hand_computable_cases() {
+    let _generator = common::torch_generator();
     tch::manual_seed(1);
     let x = Tensor::rand([3, 3, 24, 24], (Kind::Float, Device::Cpu));
     let same = Vec::<f64>::try_from(ssim(&x, &x)).unwrap();
@@ -93,6 +97,7 @@ fn ssim_of_hand_computable_cases() {
 
 #[test]
 fn fid_stats_npz_round_trips_through_numpy() {
+    let _generator = common::torch_generator();
     use vtp::eval::fid_stats::{read_npz, write_npz};
     let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     assert!(python.exists(), "the project venv is missing: run scripts/setup.sh");

@@ -7,6 +7,7 @@ use vtp::eval::recon::{as_uint8_image, denormalise, rfid};
 
 #[test]
 fn rfid_is_independent_of_the_batch_size() {
+    let _generator = common::torch_generator();
     let inception = FidInception::load(&common::fid_helper_weights(), Device::Cpu)
         .unwrap()
         .with_convention(InputConvention::PytorchFid);
@@ -26,6 +27,7 @@ fn rfid_is_independent_of_the_batch_size() {
 
 #[test]
 fn quantisation_truncates_and_denormalisation_inverts_imagenet_normalisation() {
+    let _generator = common::torch_generator();
     let x = Tensor::from_slice(&[0.0f32, 0.5, 0.999, 1.0]).view([1, 1, 2, 2]).repeat([1, 3, 1, 1]);
     let q = Vec::<f32>::try_from(as_uint8_image(&x).reshape([-1]).narrow(0, 0, 4)).unwrap();
     assert_eq!(q, [0.0, 127.0 / 255.0, 254.0 / 255.0, 1.0], "(x·255).astype(uint8): truncation");

@@ -76,6 +76,7 @@ fn tiny_model(tmp: &Path) -> PathBuf {
 
 #[test]
 fn decoder_learns_adversarial_terms_are_logged_and_latents_are_unchanged() {
+    let _generator = common::torch_generator();
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let run = tmp.path().join("run");
@@ -117,6 +118,7 @@ fn decoder_learns_adversarial_terms_are_logged_and_latents_are_unchanged() {
 
 #[test]
 fn resume_is_bit_identical() {
+    let _generator = common::torch_generator();
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let steps = ["train.steps=8", "loss.disc_start=2"];
@@ -141,6 +143,7 @@ fn resume_is_bit_identical() {
 
 #[test]
 fn print_config_comments_every_key_and_bad_input_is_one_line() {
+    let _generator = common::torch_generator();
     let text = common::print_config("finetune-decoder");
     assert!(text.contains("[loss]") && text.contains("disc_weight = 0.5"), "{text}");
     let tmp = tempfile::tempdir().unwrap();

@@ -77,6 +77,7 @@ fn check_grad(fx: &Fixtures, key: &str, ours: &Tensor) {
 
 #[test]
 fn clip_loss_and_gradients_match_open_clip() {
+    let _generator = common::torch_generator();
     let fx = load();
     let image = leaf(&fx, "clip.image_features");
     let text = leaf(&fx, "clip.text_features");
@@ -107,6 +108,7 @@ fn clip_loss_and_gradients_match_open_clip() {
 
 #[test]
 fn logit_scale_clamp_is_zero_to_ln_100_in_place() {
+    let _generator = common::torch_generator();
     assert_eq!(LOGIT_SCALE_MAX, 100f64.ln());
     let log_scale = Tensor::from_slice(&[5.0f32, -1.0, 2.5]).set_requires_grad(true);
     clamp_logit_scale(&log_scale);
@@ -117,6 +119,7 @@ fn logit_scale_clamp_is_zero_to_ln_100_in_place() {
 
 #[test]
 fn siglip_loss_and_gradients_match_open_clip() {
+    let _generator = common::torch_generator();
     let fx = load();
     for prefix in ["siglip", "siglip2"] {
         let image = leaf(&fx, "clip.image_features");
@@ -140,6 +143,7 @@ fn siglip_loss_and_gradients_match_open_clip() {
 
 #[test]
 fn dino_losses_match_dinov2_with_centering_and_sinkhorn() {
+    let _generator = common::torch_generator();
     let fx = load();
     assert_eq!(get(&fx, "dino.teacher_temp").double_value(&[]), TEACHER_TEMP as f32 as f64);
     assert_eq!(get(&fx, "dino.student_temp").double_value(&[]), STUDENT_TEMP as f32 as f64);
@@ -182,6 +186,7 @@ fn dino_losses_match_dinov2_with_centering_and_sinkhorn() {
 
 #[test]
 fn teacher_centering_names_match_the_dinov2_config() {
+    let _generator = common::torch_generator();
     let names = serde_json::to_string(&[TeacherCentering::Centering, TeacherCentering::SinkhornKnopp]).unwrap();
     assert_eq!(names, r#"["centering","sinkhorn_knopp"]"#);
     let parsed: TeacherCentering = serde_json::from_str(r#""sinkhorn_knopp""#).unwrap();
@@ -190,6 +195,7 @@ fn teacher_centering_names_match_the_dinov2_config() {
 
 #[test]
 fn ibot_patch_loss_matches_dinov2_with_centering_and_sinkhorn() {
+    let _generator = common::torch_generator();
     let fx = load();
     let masks = get(&fx, "mask.collated_masks");
     let masks_weight = get(&fx, "mask.masks_weight");
@@ -220,6 +226,7 @@ fn ibot_patch_loss_matches_dinov2_with_centering_and_sinkhorn() {
 
 #[test]
 fn masked_patch_logits_are_gathered_at_the_mask_indices() {
+    let _generator = common::torch_generator();
     let fx = load();
     let batch = MaskBatch::from_masks(get(&fx, "mask.collated_masks").shallow_clone(), 88);
     for who in ["teacher", "student"] {
@@ -233,6 +240,7 @@ fn masked_patch_logits_are_gathered_at_the_mask_indices() {
 
 #[test]
 fn koleo_matches_dinov2() {
+    let _generator = common::torch_generator();
     let fx = load();
     let x = leaf(&fx, "koleo.x");
     let normalised = tch::no_grad(|| &x / x.linalg_norm(2.0, [-1i64].as_slice(), true, None).clamp_min(KOLEO_EPS));
@@ -274,6 +282,7 @@ fn normalised_images() -> Tensor {
 
 #[test]
 fn recon_loss_is_l1_plus_lpips_with_gradients_to_the_reconstruction() {
+    let _generator = common::torch_generator();
     let target = normalised_images();
     let reconstruction = normalised_images().set_requires_grad(true);
     let loss = ReconLoss::new(Some(random_lpips()));
@@ -313,6 +322,7 @@ fn recon_loss_is_l1_plus_lpips_with_gradients_to_the_reconstruction() {
 /// instead of averaging an empty set into NaN; with patches it moves.
 #[test]
 fn ibot_centre_survives_a_step_without_masked_patches() {
+    let _generator = common::torch_generator();
     let dp = DataParallel::single();
     let mut ibot = IbotPatchLoss::new(8, 0.1, 0.9, Device::Cpu);
     ibot.center = Tensor::full([1, 1, 8], 0.5, (Kind::Float, Device::Cpu));

@@ -195,6 +195,7 @@ fn adamw_and_clipping_match_pytorch(fused: bool) -> AdamW {
 
 #[test]
 fn fused_adamw_matches_pytorch_fused_and_the_single_tensor_update_to_1e_5() {
+    let _generator = common::torch_generator();
     let fused = adamw_and_clipping_match_pytorch(true);
     let single = adamw_and_clipping_match_pytorch(false);
     for (a, b) in fused.params().iter().zip(single.params()) {
@@ -205,6 +206,7 @@ fn fused_adamw_matches_pytorch_fused_and_the_single_tensor_update_to_1e_5() {
 
 #[test]
 fn clip_grad_norm_without_gradients_and_below_threshold() {
+    let _generator = common::torch_generator();
     let p = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
     assert_eq!(clip_grad_norm(&[p.shallow_clone()], 1.0), 0.0);
     (&p * 0.1).sum(Kind::Float).backward();
@@ -215,6 +217,7 @@ fn clip_grad_norm_without_gradients_and_below_threshold() {
 
 #[test]
 fn state_round_trip_resumes_bit_identically() {
+    let _generator = common::torch_generator();
     let (init, grads) = inputs();
     let sched = test_schedules();
     let mut original = AdamW::new(param_specs(&init), AdamWConfig::default());
@@ -239,6 +242,7 @@ fn state_round_trip_resumes_bit_identically() {
 
 #[test]
 fn load_state_tensors_names_missing_and_misshaped_entries() {
+    let _generator = common::torch_generator();
     let (init, _) = inputs();
     let mut opt = AdamW::new(param_specs(&init), AdamWConfig::default());
     let mut saved: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
@@ -252,6 +256,7 @@ fn load_state_tensors_names_missing_and_misshaped_entries() {
 
 #[test]
 fn zero_grad_sets_gradients_to_none() {
+    let _generator = common::torch_generator();
     let (init, grads) = inputs();
     let mut opt = AdamW::new(param_specs(&init), AdamWConfig::default());
     set_grads(&mut opt, &grads, 0);
@@ -262,6 +267,7 @@ fn zero_grad_sets_gradients_to_none() {
 
 #[test]
 fn dinov2_multipliers_on_real_names() {
+    let _generator = common::torch_generator();
     let d = 0.9f64;
     // (name, ndim, lr_mult, wd_mult, is_last_layer) for depth 4, layer decay 0.9, patch-embed lr x 0.2.
     let table: &[(&str, usize, f64, f64, bool)] = &[
@@ -332,6 +338,7 @@ print(json.dumps(out))
 
 #[test]
 fn cosine_scheduler_matches_numpy() {
+    let _generator = common::torch_generator();
     // (base, final, total, warmup, start_warmup, freeze): lr-like, wd-like, freeze + warm-up, teacher-temp
     // warm-up only, one warm-up step, constant warm-up.
     let configs: [(f64, f64, u64, u64, f64, u64); 6] = [
@@ -361,6 +368,7 @@ fn cosine_scheduler_matches_numpy() {
 
 #[test]
 fn schedules_freeze_last_layer_and_warm_up_teacher_temp() {
+    let _generator = common::torch_generator();
     let config = ScheduleConfig {
         warmup_steps: 10,
         warmup_teacher_temp_steps: 20,
@@ -388,6 +396,7 @@ fn schedules_freeze_last_layer_and_warm_up_teacher_temp() {
 
 #[test]
 fn schedule_config_defaults_and_unknown_fields() {
+    let _generator = common::torch_generator();
     let c: ScheduleConfig = serde_json::from_str(r#"{"lr": 0.1}"#).unwrap();
     assert_eq!(c, ScheduleConfig { lr: 0.1, ..ScheduleConfig::default() });
     assert_eq!((c.warmup_steps, c.warmup_teacher_temp_steps, c.freeze_last_layer_steps), (12_500, 37_500, 1250));

@@ -78,6 +78,7 @@ fn term(losses: &Losses, name: &str) -> f64 {
 
 #[test]
 fn the_tiny_autoencoder_memorises_one_batch() {
+    let _generator = common::torch_generator();
     let c = config("ae", 1000);
     let batch = fixed_batch(&c);
     let (trainer, first, last) = overfit(&c, &batch);
@@ -92,6 +93,7 @@ fn the_tiny_autoencoder_memorises_one_batch() {
 
 #[test]
 fn clip_matches_every_image_of_one_batch_to_its_caption() {
+    let _generator = common::torch_generator();
     let c = config("clip+ae", 300);
     let batch = fixed_batch(&c);
     let (trainer, first, last) = overfit(&c, &batch);
@@ -116,6 +118,7 @@ fn clip_matches_every_image_of_one_batch_to_its_caption() {
 
 #[test]
 fn dino_leaves_the_uniform_solution_on_one_batch() {
+    let _generator = common::torch_generator();
     let c = config("ssl+ae", 300);
     let batch = fixed_batch(&c);
     let (_, first, last) = overfit(&c, &batch);

@@ -6,7 +6,6 @@ mod common;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 use vtp::data::source::{self, StreamOptions};
 use vtp::data::Sample;
@@ -19,9 +18,6 @@ use vtp::train::pretrain::Pretrainer;
 use vtp::train::schedule::Schedules;
 
 const TOL: f64 = 1e-5;
-
-/// Both tests draw their initial weights from libtorch's global generator: one at a time.
-static GLOBAL_GENERATOR: Mutex<()> = Mutex::new(());
 
 /// The tiny preset at test size: CLIP and local crops at 32², global crops and reconstruction at 64²
 /// (two merged groups, one with iBOT masks, one mixing bottlenecked and full-width rows).
@@ -66,7 +62,7 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn merged_trunk_passes_give_each_objective_its_own_features() {
-    let _generator = GLOBAL_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    let _generator = common::torch_generator();
     tch::set_num_threads(2);
     let c = config(true);
     tch::manual_seed(0);
@@ -96,7 +92,7 @@ fn merged_trunk_passes_give_each_objective_its_own_features() {
 
 #[test]
 fn a_step_with_merged_trunk_passes_matches_one_pass_per_objective() {
-    let _generator = GLOBAL_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    let _generator = common::torch_generator();
     tch::set_num_threads(2);
     let run = |merge: bool| {
         let c = config(merge);

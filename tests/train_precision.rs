@@ -27,6 +27,7 @@ const GAN_TOLERANCE: f64 = 0.10;
 
 #[test]
 fn the_autocast_region_casts_matmuls_to_bf16_and_restores_f32() {
+    let _generator = common::torch_generator();
     let a = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
     let b = Tensor::randn([8, 3], (Kind::Float, Device::Cpu));
     assert_eq!(Precision::F32.autocast(Device::Cpu, || a.matmul(&b)).unwrap().kind(), Kind::Float);
@@ -71,6 +72,7 @@ fn assert_f32_export(dir: &Path) {
 
 #[test]
 fn a_bf16_pretraining_run_tracks_the_f32_run() {
+    let _generator = common::torch_generator();
     let dir = tempfile::tempdir().unwrap();
     let run = |precision: &str| {
         let out = dir.path().join(precision);
@@ -91,6 +93,7 @@ fn a_bf16_pretraining_run_tracks_the_f32_run() {
 
 #[test]
 fn a_bf16_stage_2_run_tracks_the_f32_run() {
+    let _generator = common::torch_generator();
     let dir = tempfile::tempdir().unwrap();
     let model = common::init_tiny_model(dir.path(), 1);
     let run = |precision: &str| {
@@ -118,6 +121,7 @@ fn a_bf16_stage_2_run_tracks_the_f32_run() {
 
 #[test]
 fn bf16_lightningdit_steps_track_f32_steps() {
+    let _generator = common::torch_generator();
     tch::set_num_threads(2);
     let losses = |precision: Precision| {
         tch::manual_seed(3);

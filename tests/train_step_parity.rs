@@ -200,17 +200,20 @@ fn steps_match_pytorch(centering: &str, steps: &[u64], extra: &[&str]) {
 
 #[test]
 fn a_step_with_the_last_layer_frozen_and_centering_matches_pytorch() {
+    let _generator = common::torch_generator();
     steps_match_pytorch("centering", &[FROZEN_STEP], &[]);
 }
 
 #[test]
 fn a_step_with_the_last_layer_trained_and_sinkhorn_knopp_matches_pytorch() {
+    let _generator = common::torch_generator();
     steps_match_pytorch("sinkhorn_knopp", &[TRAINED_STEP], &[]);
 }
 
 /// Two consecutive steps: the second one sees the first one's teacher, centres and AdamW moments.
 #[test]
 fn two_consecutive_steps_match_pytorch() {
+    let _generator = common::torch_generator();
     steps_match_pytorch("centering", &[FROZEN_STEP, TRAINED_STEP], &[]);
 }
 
@@ -218,5 +221,6 @@ fn two_consecutive_steps_match_pytorch() {
 /// the legacy meta-arch) on both sides.
 #[test]
 fn two_consecutive_steps_with_one_trunk_pass_per_objective_match_pytorch() {
+    let _generator = common::torch_generator();
     steps_match_pytorch("centering", &[FROZEN_STEP, TRAINED_STEP], &["loss.merge_trunk_passes=false"]);
 }

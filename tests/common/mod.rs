@@ -249,3 +249,11 @@ pub fn ran_pinned(name: &str) -> bool {
     rerun_pinned(&[name], &[MKL_CAP]);
     true
 }
+
+/// Holds libtorch's global generator for one test. It is one per process, and `cargo test` runs a
+/// binary's tests on several threads: a test that seeds it (or draws from it, e.g. by initialising a
+/// model) takes this lock first, so that no other test seeds or draws in between.
+pub fn torch_generator() -> std::sync::MutexGuard<'static, ()> {
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    GENERATOR.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,4 +1,4 @@
-//! Loss parity of the pre-training objectives (`vtp::train::objectives`) with the golden values of
+//! Loss parity of the pre-training objectives (`vtp::train::pretrain::objectives`) with the golden values of
 //! `../shared/fixtures/losses.safetensors` (LOSSES.md §1–§6: OpenCLIP CLIP/SigLIP, DINOv2 DINO, iBOT and KoLeo,
 //! DINOv2 mask collation). Bounds: relative error ≤ 1e-5 on losses, targets and centres, absolute error ≤ 1e-4
 //! on gradients; every compared value's error is printed (`--nocapture`). The mask collation itself
@@ -18,13 +18,13 @@ use vtp::eval::lpips::Lpips;
 use vtp::eval::recon::denormalise;
 use vtp::io::read_safetensors_map;
 use vtp::model::l2_normalize;
-use vtp::train::objectives::clip::{
+use vtp::train::pretrain::objectives::clip::{
     clamp_logit_scale, clip_logits, clip_loss, siglip_logits, siglip_loss, LOGIT_SCALE_MAX,
 };
-use vtp::train::objectives::dino::{DinoLoss, TeacherCentering};
-use vtp::train::objectives::ibot::IbotPatchLoss;
-use vtp::train::objectives::koleo::{koleo_loss, koleo_per_crop, nearest_neighbours, KOLEO_EPS};
-use vtp::train::objectives::recon::ReconLoss;
+use vtp::train::pretrain::objectives::dino::{DinoLoss, TeacherCentering};
+use vtp::train::pretrain::objectives::ibot::IbotPatchLoss;
+use vtp::train::pretrain::objectives::koleo::{koleo_loss, koleo_per_crop, nearest_neighbours, KOLEO_EPS};
+use vtp::train::pretrain::objectives::recon::ReconLoss;
 
 /// Bound on the relative error of losses, targets and centres.
 const LOSS_REL: f64 = 1e-5;

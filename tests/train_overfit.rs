@@ -19,9 +19,9 @@ use vtp::dist::DataParallel;
 use vtp::eval::metrics::psnr;
 use vtp::eval::recon::denormalise;
 use vtp::model::l2_normalize;
-use vtp::train::batch::{BatchBuilder, PretrainBatch};
-use vtp::train::config::PretrainConfig;
-use vtp::train::objectives::recon::ReconLoss;
+use vtp::train::pretrain::batch::{BatchBuilder, PretrainBatch};
+use vtp::train::pretrain::config::PretrainConfig;
+use vtp::train::pretrain::objectives::recon::ReconLoss;
 use vtp::train::pretrain::{Losses, Pretrainer};
 use vtp::train::schedule::Schedules;
 

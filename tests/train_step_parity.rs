@@ -30,9 +30,9 @@ use tch::{Device, Kind, Tensor};
 use vtp::data::source::{self, StreamOptions};
 use vtp::data::Sample;
 use vtp::io::{read_safetensors_map, write_safetensors};
-use vtp::train::batch::{BatchBuilder, PretrainBatch};
-use vtp::train::config::PretrainConfig;
-use vtp::train::objectives::recon::ReconLoss;
+use vtp::train::pretrain::batch::{BatchBuilder, PretrainBatch};
+use vtp::train::pretrain::config::PretrainConfig;
+use vtp::train::pretrain::objectives::recon::ReconLoss;
 use vtp::train::pretrain::Pretrainer;
 use vtp::train::schedule::{ScheduleValues, Schedules};
 

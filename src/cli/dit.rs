@@ -3,7 +3,7 @@
 //! FID / sample class accuracy against a reference set.
 use super::fid::InceptionArgs;
 use super::images::progress;
-use super::train::{print_summary, RunArgs, RunConfig};
+use super::train::{print_summary, RunArgs};
 use crate::data::synthetic;
 use crate::dit::cache::{self, ExtractOptions, LatentCache};
 use crate::dit::config::{DitTrainConfig, DIT_PRESETS};
@@ -115,20 +115,6 @@ pub fn extract(a: &ExtractArgs, device: Device) -> Result<()> {
         a.out.join(cache::STATS).display()
     );
     Ok(())
-}
-
-impl RunConfig for DitTrainConfig {
-    fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        DitTrainConfig::load(preset, file, overrides)
-    }
-
-    fn to_commented_toml(&self) -> Result<String> {
-        DitTrainConfig::to_commented_toml(self)
-    }
-
-    fn dist(&self) -> &crate::dist::DistConfig {
-        &self.dist
-    }
 }
 
 /// Arguments of `vtp dit train`.

@@ -1,27 +1,13 @@
 //! `vtp finetune-decoder`: stage 2 of VTP (spec §4.7), the pixel decoder of a trained tokenizer
 //! fine-tuned with L1 + LPIPS + a PatchGAN while the encoder (hence the latents) stays frozen, on the
-//! shared run machinery of `vtp pretrain` ([`super::train::RunArgs`]).
-use super::train::{print_summary, recon_loss, RunArgs, RunConfig};
+//! shared run machinery of `vtp pretrain` ([`crate::train::run`]).
+use super::train::{print_summary, recon_loss, RunArgs};
 use crate::model::VtpModel;
-use crate::train::finetune::{FinetuneConfig, FinetuneRun, FINETUNE_PRESETS};
+use crate::train::finetune::config::{FinetuneConfig, FINETUNE_PRESETS};
+use crate::train::finetune::FinetuneRun;
 use anyhow::{bail, Result};
 use clap::Args;
-use std::path::Path;
 use tch::Device;
-
-impl RunConfig for FinetuneConfig {
-    fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        FinetuneConfig::load(preset, file, overrides)
-    }
-
-    fn to_commented_toml(&self) -> Result<String> {
-        FinetuneConfig::to_commented_toml(self)
-    }
-
-    fn dist(&self) -> &crate::dist::DistConfig {
-        &self.dist
-    }
-}
 
 /// Arguments of `vtp finetune-decoder`.
 #[derive(Args, Debug)]

@@ -1,42 +1,15 @@
 //! `vtp pretrain`: stage 1 of VTP (spec §4), CLIP + SSL + reconstruction from scratch, on the shared
 //! run machinery (config + overrides, progress bar, metrics, plots, checkpoints, resume).
-use crate::dist::{DataParallel, DistConfig};
-use crate::train::config::{PretrainConfig, PRETRAIN_PRESETS};
-use crate::train::objectives::recon::ReconLoss;
+use crate::dist::DataParallel;
+use crate::train::pretrain::config::{PretrainConfig, PRETRAIN_PRESETS};
+use crate::train::pretrain::objectives::recon::ReconLoss;
 use crate::train::pretrain::PretrainRun;
-use crate::train::run::{run, RunOptions, RunSummary, Trainer};
-use anyhow::{bail, Context, Result};
+use crate::train::run::{launch, prepare_run_dir, RunConfig, RunOptions, RunSummary, Trainer, RUN_CONFIG};
+use anyhow::{Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::Device;
-
-/// Name of the effective config a run writes into its directory.
-pub const RUN_CONFIG: &str = "config.toml";
-
-/// A trainer's configuration as [`RunArgs`] builds, prints and records it.
-pub trait RunConfig: Sized {
-    /// The preset, then `file` over it, then the `key=value` overrides; validated.
-    fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self>;
-    /// The config as TOML with a comment on every key (`--print-config`, the run's config.toml).
-    fn to_commented_toml(&self) -> Result<String>;
-    /// Its `[dist]` section (timeouts and buckets of a multi-process run).
-    fn dist(&self) -> &DistConfig;
-}
-
-impl RunConfig for PretrainConfig {
-    fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        PretrainConfig::load(preset, file, overrides)
-    }
-
-    fn to_commented_toml(&self) -> Result<String> {
-        PretrainConfig::to_commented_toml(self)
-    }
-
-    fn dist(&self) -> &DistConfig {
-        &self.dist
-    }
-}
 
 /// Arguments shared by the trainers: config, overrides, run directory, resume (each trainer adds
 /// its own `--preset`, whose names differ).
@@ -63,21 +36,10 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// The run directory, checked for this invocation: a fresh run never reuses a directory that
-    /// holds a run; a resumed one needs it.
+    /// The run directory (`--out`), checked for this invocation and created ([`prepare_run_dir`]).
     pub fn run_dir(&self) -> Result<PathBuf> {
         let out = self.out.clone().context("--out DIR is required (the run directory)")?;
-        let has_run = out.join(RUN_CONFIG).exists();
-        if self.resume && !has_run {
-            bail!("--resume: '{}' holds no run ({RUN_CONFIG} is missing)", out.display());
-        }
-        if !self.resume && has_run {
-            bail!("'{}' already holds a run; continue it with --resume or choose another --out", out.display());
-        }
-        std::fs::create_dir_all(&out).with_context(|| format!("cannot create run directory '{}'", out.display()))?;
-        let probe = out.join(".vtp-write-test");
-        std::fs::write(&probe, b"").with_context(|| format!("run directory '{}' is not writable", out.display()))?;
-        std::fs::remove_file(&probe).ok();
+        prepare_run_dir(&out, self.resume)?;
         Ok(out)
     }
 
@@ -97,24 +59,14 @@ impl RunArgs {
         Ok(self.print_config)
     }
 
-    /// Joins the multi-process job when a launcher started this process (`config.dist()`), builds
-    /// the trainer for this rank with gradients on (the CLI runs under no_grad), then runs the shared
-    /// loop, resuming when asked; `config` is recorded in `dir` once the trainer is built and (when
-    /// resuming) its checkpoint restored, so a failed start leaves the run's config as it was. The
-    /// summary is rank 0's (`None` on the other ranks, which print nothing).
+    /// Trains with this invocation's resume and stop settings ([`launch`]).
     pub fn train<C: RunConfig, T: Trainer>(
         &self,
         dir: &Path,
         config: &C,
         build: impl FnOnce(Arc<DataParallel>) -> Result<(T, RunOptions)>,
     ) -> Result<Option<RunSummary>> {
-        let dp = Arc::new(DataParallel::join(config.dist())?);
-        tch::with_grad(|| {
-            let (mut trainer, opts) = build(dp.clone())?;
-            let opts = RunOptions { stop_after: self.stop_after, ..opts };
-            let summary = run(&mut trainer, &opts, dir, self.resume, &dp, || write_config(dir, config))?;
-            Ok(dp.is_main().then_some(summary))
-        })
+        launch(dir, config, self.resume, self.stop_after, build)
     }
 }
 
@@ -126,11 +78,6 @@ pub struct PretrainArgs {
     preset: String,
     #[command(flatten)]
     run: RunArgs,
-}
-
-/// Writes the effective config into the run directory.
-fn write_config<C: RunConfig>(dir: &Path, config: &C) -> Result<()> {
-    crate::io::write_atomic(&dir.join(RUN_CONFIG), config.to_commented_toml()?.as_bytes())
 }
 
 /// The reconstruction loss of a run whose config asks for LPIPS when `*lpips`: without its weights,

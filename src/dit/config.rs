@@ -4,10 +4,12 @@ use super::cache::{CacheManifest, LatentCache};
 use super::model::DitConfig;
 use super::sampler::SamplerConfig;
 use super::transport::TimeSampling;
+use crate::dist::DistConfig;
 use crate::train::config::{
     commented_toml, key_doc, load_layered, CheckpointConfig, DebugConfig, LogConfig, TrainConfig,
 };
 use crate::train::optim::AdamWConfig;
+use crate::train::run::RunConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -311,3 +313,17 @@ const DIT_KEY_DOCS: &[(&str, &str)] = &[
     ("model.use_rmsnorm", "RMSNorm instead of affine-free LayerNorm [VTP: true]"),
     ("model.wo_shift", "adaLN modulation without shifts [VTP: false]"),
 ];
+
+impl RunConfig for DitTrainConfig {
+    fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        DitTrainConfig::load(preset, file, overrides)
+    }
+
+    fn to_commented_toml(&self) -> Result<String> {
+        DitTrainConfig::to_commented_toml(self)
+    }
+
+    fn dist(&self) -> &DistConfig {
+        &self.dist
+    }
+}

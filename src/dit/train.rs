@@ -14,10 +14,10 @@ use crate::model::VtpModel;
 use crate::train::checkpoint::restore_into;
 use crate::train::ema::ema_update;
 use crate::train::online::save_grid;
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, ParamSpec};
+use crate::train::optim::{AdamW, AdamWConfig, ParamSpec};
 use crate::train::precision::{f32, Precision};
-use crate::train::pretrain::step_seed;
 use crate::train::run::{RunOptions, StepReport, Trainer};
+use crate::train::step::{guarded_backward, step_seed};
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -279,13 +279,8 @@ pub fn flow_step(
     }
     let local = [&loss.total, &loss.mse, &loss.cos].map(|v| v.double_value(&[]));
     let [total, mse, cos] = <[f64; 3]>::try_from(dp.mean(&local)?).expect("three values");
-    let mut grad_norm = f64::NAN;
-    if total.is_finite() {
-        let params: Vec<Tensor> = optim.params().iter().map(|p| p.tensor.shallow_clone()).collect();
-        dp.backward(&loss.total, &params)?;
-        let max_norm = if recipe.clip_grad > 0.0 { recipe.clip_grad } else { f64::INFINITY };
-        grad_norm = clip_grad_norm(&params, max_norm);
-    }
+    let params: Vec<Tensor> = optim.params().iter().map(|p| p.tensor.shallow_clone()).collect();
+    let grad_norm = guarded_backward(&loss.total, total, &params, recipe.clip_grad, dp, None)?;
     let skipped = !grad_norm.is_finite();
     if skipped {
         optim.zero_grad();

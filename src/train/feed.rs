@@ -11,6 +11,12 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+/// The stream options of a trainer's source for rank `dp.rank()` of `dp.world()`: `workers` reader
+/// threads, a shuffle buffer of `shuffle_buffer` samples, every draw from `seed`.
+pub fn stream_options(workers: usize, shuffle_buffer: usize, seed: u64, dp: &DataParallel) -> StreamOptions {
+    StreamOptions { rank: dp.rank(), world_size: dp.world(), workers, shuffle_buffer, seed, ..StreamOptions::default() }
+}
+
 /// Where a feed is: the stream position and the samples skipped in earlier epochs.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct FeedPosition {

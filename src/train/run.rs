@@ -9,7 +9,7 @@ use super::config::{CheckpointConfig, EvalConfig, LogConfig, TrainConfig};
 use super::metrics::MetricsLog;
 use super::plots::plot_metrics;
 use super::precision::set_tf32;
-use crate::dist::DataParallel;
+use crate::dist::{DataParallel, DistConfig};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{BTreeMap, HashMap};
@@ -52,6 +52,63 @@ pub trait Trainer {
     fn restore(&mut self, tensors: &HashMap<String, Tensor>, state: &serde_json::Value) -> Result<()>;
     /// Exports the trained model into `dir`.
     fn export(&self, dir: &Path) -> Result<()>;
+}
+
+/// Name of the effective config a run writes into its directory.
+pub const RUN_CONFIG: &str = "config.toml";
+
+/// A trainer's configuration as the run machinery builds, prints and records it.
+pub trait RunConfig: Sized {
+    /// The preset, then `file` over it, then the `key=value` overrides; validated.
+    fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self>;
+    /// The config as TOML with a comment on every key (`--print-config`, the run's config.toml).
+    fn to_commented_toml(&self) -> Result<String>;
+    /// Its `[dist]` section (timeouts and buckets of a multi-process run).
+    fn dist(&self) -> &DistConfig;
+}
+
+/// The run directory `out`, checked for this invocation and created: a fresh run never reuses a
+/// directory that holds a run (its [`RUN_CONFIG`]); a resumed one needs it; either must be writable.
+pub fn prepare_run_dir(out: &Path, resume: bool) -> Result<()> {
+    let has_run = out.join(RUN_CONFIG).exists();
+    if resume && !has_run {
+        bail!("--resume: '{}' holds no run ({RUN_CONFIG} is missing)", out.display());
+    }
+    if !resume && has_run {
+        bail!("'{}' already holds a run; continue it with --resume or choose another --out", out.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create run directory '{}'", out.display()))?;
+    let probe = out.join(".vtp-write-test");
+    std::fs::write(&probe, b"").with_context(|| format!("run directory '{}' is not writable", out.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
+}
+
+/// A whole training run: joins the multi-process job when a launcher started this process
+/// (`config.dist()`), builds the trainer for this rank with gradients on (the CLI runs under
+/// no_grad), then runs the shared loop ([`run`]), resuming when asked and stopping after
+/// `stop_after` steps of this invocation if given. `config` is recorded in `dir` once the trainer is
+/// built and (when resuming) its checkpoint restored, so a failed start leaves the run's config as
+/// it was. The summary is rank 0's (`None` on the other ranks, which print nothing).
+pub fn launch<C: RunConfig, T: Trainer>(
+    dir: &Path,
+    config: &C,
+    resume: bool,
+    stop_after: Option<u64>,
+    build: impl FnOnce(Arc<DataParallel>) -> Result<(T, RunOptions)>,
+) -> Result<Option<RunSummary>> {
+    let dp = Arc::new(DataParallel::join(config.dist())?);
+    tch::with_grad(|| {
+        let (mut trainer, opts) = build(dp.clone())?;
+        let opts = RunOptions { stop_after, ..opts };
+        let summary = run(&mut trainer, &opts, dir, resume, &dp, || write_config(dir, config))?;
+        Ok(dp.is_main().then_some(summary))
+    })
+}
+
+/// Writes the effective config into the run directory.
+fn write_config<C: RunConfig>(dir: &Path, config: &C) -> Result<()> {
+    crate::io::write_atomic(&dir.join(RUN_CONFIG), config.to_commented_toml()?.as_bytes())
 }
 
 /// How the loop runs (from the trainer's config).

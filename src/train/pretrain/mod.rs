@@ -6,31 +6,38 @@
 //! of the same size and rate share one pass, `train::passes`): CLIP and SSL on full-width tokens
 //! (`use_bottleneck = !vision_bottleneck_ae_only`), reconstruction through the 64-d bottleneck into the
 //! pixel decoder.
-use super::batch::{BatchBuilder, PretrainBatch, SslBatch};
-use super::config::{BatchConfig, PretrainConfig};
-use super::diagnostics::{mean_entropy, CollapseAlarm};
-use super::dino_head::DinoHead;
-use super::feed::{BatchQueue, DataFeed, RankPositions};
-use super::objectives::clip::{clamp_logit_scale, clip_loss_local, siglip_loss_local};
-use super::objectives::dino::DinoLoss;
-use super::objectives::ibot::IbotPatchLoss;
-use super::objectives::koleo::koleo_per_crop;
-use super::objectives::recon::ReconLoss;
+pub mod batch;
+pub mod config;
+pub mod diagnostics;
+pub mod dino_head;
+pub mod objectives;
+pub mod passes;
+pub mod teacher;
+
+use super::feed::{stream_options, BatchQueue, DataFeed, RankPositions};
 use super::online::{online_evaluation, ReconGrid};
-use super::optim::{clip_grad_norm, dinov2_param_specs, AdamW};
-use super::passes::{run_trunk_passes, TrunkPass};
+use super::optim::{dinov2_param_specs, AdamW};
 use super::precision::f32;
 use super::profile::StepProfile;
 use super::run::{RunOptions, StepReport, Trainer};
 use super::schedule::{ScheduleValues, Schedules};
-use super::teacher::Teacher;
+use super::step::{guarded_backward, step_seed};
 use crate::config::ClipFeat;
-use crate::data::source::StreamOptions;
 use crate::data::Sample;
 use crate::dist::DataParallel;
 use crate::model::encoder::{tokens_to_map, Features};
 use crate::model::{l2_normalize, VtpModel};
 use anyhow::{Context, Result};
+use batch::{BatchBuilder, PretrainBatch, SslBatch, N_GLOBAL_CROPS};
+use config::{BatchConfig, PretrainConfig};
+use diagnostics::{mean_entropy, CollapseAlarm};
+use dino_head::DinoHead;
+use objectives::clip::{clamp_logit_scale, clip_loss_local, siglip_loss_local};
+use objectives::dino::DinoLoss;
+use objectives::ibot::IbotPatchLoss;
+use objectives::koleo::koleo_per_crop;
+use objectives::recon::ReconLoss;
+use passes::{run_trunk_passes, TrunkPass};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -38,9 +45,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
-
-/// Global crops per image (DINOv2).
-pub const N_GLOBAL_CROPS: i64 = 2;
+use teacher::Teacher;
 
 /// The loss of one step, its named terms (scalars), and what watches the training without entering the
 /// loss (`ssl/*`: the mean entropy of the DINO and iBOT teacher targets).
@@ -305,16 +310,9 @@ impl Pretrainer {
         if inject_nan {
             losses.total = &losses.total * f64::NAN;
         }
-        let mut grad_norm = f64::NAN;
-        let mut t = Instant::now();
-        if self.dp.mean(&[losses.total.double_value(&[])])?[0].is_finite() {
-            let params = self.parameters();
-            self.dp.backward(&losses.total, &params)?;
-            self.lap("backward", &mut t);
-            let max_norm = self.config.optim.clip_grad;
-            grad_norm = clip_grad_norm(&params, if max_norm > 0.0 { max_norm } else { f64::INFINITY });
-            self.lap("clip grad", &mut t);
-        }
+        let mean_loss = self.dp.mean(&[losses.total.double_value(&[])])?[0];
+        let (params, max_norm) = (self.parameters(), self.config.optim.clip_grad);
+        let grad_norm = guarded_backward(&losses.total, mean_loss, &params, max_norm, &self.dp, self.profile.as_mut())?;
         let skipped = !grad_norm.is_finite();
         if skipped {
             self.optim.zero_grad();
@@ -405,7 +403,11 @@ impl PretrainRun {
     /// it reads its own slice of the data (the pipeline's rank × worker split) and builds its share of
     /// every global batch (`batch.*` divided by the world size).
     pub fn new(config: PretrainConfig, recon: ReconLoss, device: Device, dp: Arc<DataParallel>) -> Result<Self> {
-        let feed = DataFeed::open(&config.data.source, stream_options(&config, &dp), None)?;
+        let feed = DataFeed::open(
+            &config.data.source,
+            stream_options(config.data.workers, config.data.shuffle_buffer, config.train.seed, &dp),
+            None,
+        )?;
         let c = &config;
         let sizes = local_batch(&c.batch, &dp)?;
         let builder =
@@ -480,27 +482,6 @@ pub fn local_batch(b: &BatchConfig, dp: &DataParallel) -> Result<BatchConfig> {
     })
 }
 
-/// The stream options of the training source for rank `dp.rank()` of `dp.world()`.
-fn stream_options(c: &PretrainConfig, dp: &DataParallel) -> StreamOptions {
-    StreamOptions {
-        rank: dp.rank(),
-        world_size: dp.world(),
-        workers: c.data.workers,
-        shuffle_buffer: c.data.shuffle_buffer,
-        seed: c.train.seed,
-        ..StreamOptions::default()
-    }
-}
-
-/// The seed of step `step`'s random draws (batch subsets, crops, masks, drop-path): a function of
-/// the run seed and the step only, so a resumed run draws exactly what the uninterrupted one did.
-pub fn step_seed(seed: u64, step: u64) -> u64 {
-    let mut z = seed ^ step.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 impl Trainer for PretrainRun {
     fn train_step(&mut self, step: u64) -> Result<StepReport> {
         let seed = step_seed(self.trainer.dp.rank_seed(self.trainer.config.train.seed), step);
@@ -544,7 +525,11 @@ impl Trainer for PretrainRun {
         self.trainer.load_state_tensors(tensors)?;
         let position = RankPositions::saved(state, &self.trainer.dp)?;
         let c = &self.trainer.config;
-        self.batches.restart(DataFeed::open(&c.data.source, stream_options(c, &self.trainer.dp), Some(&position))?);
+        self.batches.restart(DataFeed::open(
+            &c.data.source,
+            stream_options(c.data.workers, c.data.shuffle_buffer, c.train.seed, &self.trainer.dp),
+            Some(&position),
+        )?);
         Ok(())
     }
 

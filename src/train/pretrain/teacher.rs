@@ -3,10 +3,10 @@
 //! losses) and DINO head, updated after every step as `θ_t ← m·θ_t + (1 − m)·θ_s`, never by gradients.
 use super::config::DinoHeadConfig;
 use super::dino_head::DinoHead;
-use super::ema::ema_update;
 use crate::config::VtpConfig;
 use crate::model::encoder::VisionEncoder;
 use crate::model::ffn::linear;
+use crate::train::ema::ema_update;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use tch::{nn, Device, Tensor};

@@ -3,7 +3,6 @@
 //! images to SSL (DINOv2 multi-crop + iBOT masks, collated crop-major) and another of `B_rec` images
 //! to reconstruction (random square crop).
 use super::config::{BatchConfig, DataConfig, Objectives};
-use super::pretrain::N_GLOBAL_CROPS;
 use crate::data::augment::{Augment, ClipCrop, DinoMultiCrop, ReconCrop};
 use crate::data::masking::{collate_masks, MaskBatch, MaskingGenerator};
 use crate::data::Sample;
@@ -14,6 +13,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use tch::{Device, Tensor};
+
+/// Global crops per image (DINOv2).
+pub const N_GLOBAL_CROPS: i64 = 2;
 
 /// The SSL part of a batch: DINOv2's collate output.
 #[derive(Debug)]

@@ -1,0 +1,300 @@
+//! `vtp finetune-decoder`'s configuration (spec §4.7): the tokenizer to fine-tune, data, batch, the
+//! GAN loss, the two optimisers and the learning-rate schedule, on the shared sections of
+//! [`crate::train::config`].
+use crate::dist::DistConfig;
+use crate::train::config::{
+    commented_toml, key_doc, load_layered, CheckpointConfig, DebugConfig, EvalConfig, LogConfig, TrainConfig,
+};
+use crate::train::optim::AdamWConfig;
+use crate::train::run::{RunConfig, RunOptions};
+use crate::train::schedule::CosineScheduler;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Names accepted by [`FinetuneConfig::preset`].
+pub const FINETUNE_PRESETS: [&str; 2] = ["tiny", "default"];
+
+/// `[data]`: training and held-out sources and the reconstruction crop.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneDataConfig {
+    pub source: String,
+    pub eval_source: String,
+    pub workers: usize,
+    pub shuffle_buffer: usize,
+    pub recon_size: i64,
+}
+
+/// `[batch]`: images per step.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneBatchConfig {
+    pub size: usize,
+}
+
+/// `[loss]`: `LPIPSWithDiscriminator`'s settings (spec §4.7).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GanLossConfig {
+    pub lpips: bool,
+    pub perceptual_weight: f64,
+    pub disc_weight: f64,
+    pub disc_start: u64,
+    pub disc_layers: i64,
+    pub disc_channels: i64,
+}
+
+/// `[optim]`: the two AdamWs (decoder and discriminator) and gradient clipping.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneOptimConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub clip_grad: f64,
+    pub disc_lr_mult: f64,
+    /// AdamW as ATen's fused kernel (`torch.optim.AdamW(fused=True)`); false = PyTorch's single-tensor update.
+    #[serde(default = "crate::train::optim::fused_by_default")]
+    pub fused: bool,
+}
+
+/// `[schedule]`: the learning rate (linear warm-up from 0, then cosine to `min_lr`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LrScheduleConfig {
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+}
+
+/// The whole stage-2 run (`vtp finetune-decoder`), one section per concern; `model` is the
+/// tokenizer being fine-tuned (`--model`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    pub preset: String,
+    pub model: String,
+    pub train: TrainConfig,
+    pub data: FinetuneDataConfig,
+    pub batch: FinetuneBatchConfig,
+    pub loss: GanLossConfig,
+    pub optim: FinetuneOptimConfig,
+    pub schedule: LrScheduleConfig,
+    pub eval: EvalConfig,
+    pub log: LogConfig,
+    pub checkpoint: CheckpointConfig,
+    /// `[dist]`: the multi-process job's timeouts and gradient buckets.
+    #[serde(default)]
+    pub dist: crate::dist::DistConfig,
+    #[serde(default)]
+    pub debug: DebugConfig,
+}
+
+impl FinetuneConfig {
+    /// The default config of a preset (`model` empty: it comes from `--model`).
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "tiny" => Ok(Self::tiny()),
+            "default" => Ok(Self::default_preset()),
+            _ => bail!("unknown preset '{name}' (expected one of {})", FINETUNE_PRESETS.join(", ")),
+        }
+    }
+
+    /// `tiny`: a few hundred steps on the built-in synthetic scenes, for a 2-core CPU.
+    fn tiny() -> Self {
+        Self {
+            preset: "tiny".into(),
+            model: String::new(),
+            train: TrainConfig::new(300, true, 5),
+            data: FinetuneDataConfig {
+                source: "synthetic:train?res=64".into(),
+                eval_source: "synthetic:heldout?n=64&res=64".into(),
+                workers: 2,
+                shuffle_buffer: 0,
+                recon_size: 64,
+            },
+            batch: FinetuneBatchConfig { size: 8 },
+            loss: GanLossConfig { disc_start: 100, ..GanLossConfig::ldm() },
+            optim: FinetuneOptimConfig::ldm(),
+            schedule: LrScheduleConfig { lr: 5e-4, min_lr: 5e-5, warmup_steps: 20 },
+            eval: EvalConfig {
+                every: 100,
+                samples: 64,
+                classes: String::new(),
+                probe_source: String::new(),
+                probe_samples: 0,
+                grid_every: 100,
+                grid_images: 8,
+            },
+            log: LogConfig { every: 10 },
+            checkpoint: CheckpointConfig { every: 100, keep: 2 },
+            dist: crate::dist::DistConfig::default(),
+            debug: DebugConfig::default(),
+        }
+    }
+
+    /// `default`: the LDM recipe at 256 px for a released tokenizer; the step counts are this
+    /// project's choice (the paper publishes none, spec §4.7).
+    fn default_preset() -> Self {
+        Self {
+            preset: "default".into(),
+            model: String::new(),
+            train: TrainConfig::new(50_000, false, 20),
+            data: FinetuneDataConfig {
+                source: "synthetic:train".into(),
+                eval_source: "synthetic:heldout?n=1000".into(),
+                workers: 8,
+                shuffle_buffer: 1000,
+                recon_size: 256,
+            },
+            batch: FinetuneBatchConfig { size: 32 },
+            loss: GanLossConfig::ldm(),
+            optim: FinetuneOptimConfig::ldm(),
+            schedule: LrScheduleConfig { lr: 1e-4, min_lr: 1e-4, warmup_steps: 0 },
+            eval: EvalConfig {
+                every: 2000,
+                samples: 1000,
+                classes: String::new(),
+                probe_source: String::new(),
+                probe_samples: 0,
+                grid_every: 2000,
+                grid_images: 8,
+            },
+            log: LogConfig { every: 20 },
+            checkpoint: CheckpointConfig { every: 1000, keep: 3 },
+            dist: crate::dist::DistConfig::default(),
+            debug: DebugConfig::default(),
+        }
+    }
+
+    /// A preset, then a TOML file over it, then `key=value` overrides; validated.
+    pub fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let config: Self = load_layered(Self::preset, preset, file, overrides)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what a run cannot train, with a one-line reason (the model-dependent checks are in
+    /// [`FinetuneRun::new`]).
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("train.steps", self.train.steps),
+            ("log.every", self.log.every),
+            ("data.workers", self.data.workers as u64),
+            ("batch.size", self.batch.size as u64),
+            ("loss.disc_layers", self.loss.disc_layers.max(0) as u64),
+            ("loss.disc_channels", self.loss.disc_channels.max(0) as u64),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            bail!("{name} must be at least 1");
+        }
+        self.lr_schedule().context("config [schedule]")?;
+        Ok(())
+    }
+
+    /// The learning-rate schedule over `train.steps`.
+    pub fn lr_schedule(&self) -> Result<CosineScheduler> {
+        let s = &self.schedule;
+        CosineScheduler::new(s.lr, s.min_lr, self.train.steps, s.warmup_steps, 0.0, 0)
+    }
+
+    /// The loop settings of this config.
+    pub fn run_options(&self) -> RunOptions {
+        RunOptions::from_config(&self.train, &self.log, &self.eval, &self.checkpoint)
+    }
+
+    /// The config as commented TOML: every key preceded by what it means (`--print-config`).
+    pub fn to_commented_toml(&self) -> Result<String> {
+        commented_toml(self, FINETUNE_HEADER, finetune_key_doc)
+    }
+}
+
+impl GanLossConfig {
+    /// `LPIPSWithDiscriminator`'s defaults (LDM / VA-VAE): `w_p = 1`, `disc_weight = 0.5`, a 3-layer,
+    /// 64-channel PatchGAN; the discriminator starts at step 5000 (LDM's autoencoders use 50k, VA-VAE 1:
+    /// [unknown] for VTP).
+    fn ldm() -> Self {
+        Self {
+            lpips: true,
+            perceptual_weight: 1.0,
+            disc_weight: 0.5,
+            disc_start: 5000,
+            disc_layers: 3,
+            disc_channels: 64,
+        }
+    }
+}
+
+impl FinetuneOptimConfig {
+    /// LDM's `Adam(betas = (0.5, 0.9))` for both networks, no weight decay, no clipping, the same lr.
+    fn ldm() -> Self {
+        Self { beta1: 0.5, beta2: 0.9, eps: 1e-8, weight_decay: 0.0, clip_grad: 0.0, disc_lr_mult: 1.0, fused: true }
+    }
+
+    /// The AdamW hyper-parameters.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, fused: self.fused }
+    }
+}
+
+/// The first lines of `vtp finetune-decoder --print-config`.
+const FINETUNE_HEADER: &str = "# vtp finetune-decoder configuration (spec §4.7): the encoder and bottleneck are frozen, the pixel\n# decoder is trained with L1 + LPIPS + a PatchGAN (LDM `LPIPSWithDiscriminator`).\n";
+
+/// What each key of [`FinetuneConfig`] means; keys shared with `vtp pretrain` fall back to its table.
+pub fn finetune_key_doc(path: &str) -> &'static str {
+    FINETUNE_KEY_DOCS.iter().find(|(k, _)| *k == path).map_or_else(|| key_doc(path), |(_, d)| *d)
+}
+
+const FINETUNE_KEY_DOCS: &[(&str, &str)] = &[
+    (
+        "preset",
+        "the preset these defaults come from: tiny (2-core CPU, synthetic data) or default (LDM recipe, 256 px)",
+    ),
+    (
+        "model",
+        "the tokenizer to fine-tune (--model): a released-format folder or hf:ORG/NAME; only its pixel decoder changes",
+    ),
+    ("train.seed", "seed of every random draw (data order, crops, discriminator init)"),
+    ("data.eval_source", "held-out data SPEC of the online evaluation (PSNR, SSIM) and the reconstruction grid"),
+    ("data.recon_size", "crop side (random square crop, flipped); a multiple of the patch size"),
+    ("batch.size", "images per step (both the decoder and the discriminator step)"),
+    ("loss.lpips", "add LPIPS-VGG to L1 (needs its weight files; without them L1 alone, said once and recorded)"),
+    ("loss.perceptual_weight", "weight w_p of LPIPS in L_rec = L1 + w_p·LPIPS [LDM: 1]"),
+    ("loss.disc_weight", "factor on the adaptive weight of the generator's adversarial term [LDM: 0.5]"),
+    (
+        "loss.disc_start",
+        "0-based step from which the adversarial term and the discriminator are trained [unknown for VTP]",
+    ),
+    ("loss.disc_layers", "strided layers of the PatchGAN discriminator [LDM: 3]"),
+    ("loss.disc_channels", "base channels of the PatchGAN discriminator (doubled per layer, capped at 8x) [LDM: 64]"),
+    ("optim.beta1", "AdamW beta1 of both optimisers [LDM: 0.5]"),
+    ("optim.beta2", "AdamW beta2 of both optimisers [LDM: 0.9]"),
+    ("optim.eps", "AdamW epsilon of both optimisers [LDM: 1e-8]"),
+    ("optim.fused", crate::train::optim::FUSED_DOC),
+    ("optim.weight_decay", "decoupled weight decay of both optimisers, not on biases and norms [LDM: 0]"),
+    ("optim.clip_grad", "gradient-norm clipping threshold of each network, 0 = off [LDM: off]"),
+    ("optim.disc_lr_mult", "discriminator lr = this x the decoder's lr [LDM: 1]"),
+    ("schedule.lr", "decoder learning rate after warm-up [LDM: 1e-4 base, constant]"),
+    ("schedule.min_lr", "final learning rate of the cosine decay (= lr: constant)"),
+    ("schedule.warmup_steps", "linear lr warm-up from 0"),
+    ("eval.every", "online evaluation (PSNR, SSIM on data.eval_source) every N steps, 0 = off"),
+    ("eval.classes", "zero-shot class set also evaluated (it must not move: the encoder is frozen); \"\" = off"),
+    ("eval.probe_source", "training images of online linear probes of the frozen encoder (\"\" = off)"),
+    ("eval.probe_samples", "images of eval.probe_source the probes train on"),
+];
+
+impl RunConfig for FinetuneConfig {
+    fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        FinetuneConfig::load(preset, file, overrides)
+    }
+
+    fn to_commented_toml(&self) -> Result<String> {
+        FinetuneConfig::to_commented_toml(self)
+    }
+
+    fn dist(&self) -> &DistConfig {
+        &self.dist
+    }
+}

@@ -52,7 +52,7 @@ use teacher::Teacher;
 pub struct Losses {
     pub total: Tensor,
     pub terms: Vec<(&'static str, Tensor)>,
-    pub diagnostics: Vec<(&'static str, f64)>,
+    pub diagnostics: Diagnostics,
 }
 
 /// The student's parameters: the tokenizer's (official names) and its DINO head's (`dino_head.*`).
@@ -60,6 +60,16 @@ fn student(model: &VtpModel, head_vs: &nn::VarStore) -> HashMap<String, Tensor> 
     let mut all = model.vs.variables();
     all.extend(head_vs.variables());
     all
+}
+
+/// Named scalars that watch the training without entering the loss.
+type Diagnostics = Vec<(&'static str, f64)>;
+
+/// One term of `L_ssl`: its name (the metric `loss/<name>`), value and weight.
+struct SslTerm {
+    name: &'static str,
+    loss: Tensor,
+    weight: f64,
 }
 
 /// The student trunk's features of one batch, per objective.
@@ -175,16 +185,15 @@ impl Pretrainer {
         })
     }
 
-    /// The SSL terms (spec §4.4): DINO on CLS tokens (teacher crops swapped), iBOT on the masked
-    /// patches, KoLeo on the student's global-crop CLS tokens (pre-head); and the mean entropy of the
-    /// DINO and iBOT teacher targets (diagnostics).
-    #[allow(clippy::type_complexity)]
+    /// The SSL terms (spec §4.4), each with its weight inside `L_ssl`: DINO on CLS tokens (teacher
+    /// crops swapped), iBOT on the masked patches, KoLeo on the student's global-crop CLS tokens
+    /// (pre-head); and the mean entropy of the DINO and iBOT teacher targets (diagnostics).
     fn ssl_losses(
         &mut self,
         ssl: &SslBatch,
         (g, l): (&Features, &Features),
         teacher_temp: f64,
-    ) -> Result<(Vec<(&'static str, Tensor)>, Vec<(&'static str, f64)>)> {
+    ) -> Result<(Vec<SslTerm>, Diagnostics)> {
         let wide = !self.model.config.vision_bottleneck_ae_only;
         let loss = self.config.loss.clone();
         let idx = &ssl.masks.mask_indices_list;
@@ -218,7 +227,11 @@ impl Pretrainer {
             &ssl.masks.masks_weight,
             N_GLOBAL_CROPS,
         );
-        let terms = vec![("dino", dino.total()), ("ibot", ibot), ("koleo", koleo_per_crop(&g_cls, N_GLOBAL_CROPS))];
+        let terms = vec![
+            SslTerm { name: "dino", loss: dino.total(), weight: loss.dino_weight },
+            SslTerm { name: "ibot", loss: ibot, weight: loss.ibot_weight },
+            SslTerm { name: "koleo", loss: koleo_per_crop(&g_cls, N_GLOBAL_CROPS), weight: loss.koleo_weight },
+        ];
         let diagnostics = vec![
             ("dino_target_entropy", mean_entropy(&dino_targets)),
             ("ibot_target_entropy", mean_entropy(&ibot_targets)),
@@ -268,11 +281,9 @@ impl Pretrainer {
         if let (Some((g, local)), Some(ssl)) = (&student.ssl, &batch.ssl) {
             let (ssl_terms, ssl_diagnostics) = self.ssl_losses(ssl, (g, local), sv.teacher_temp)?;
             diagnostics = ssl_diagnostics;
-            let weights = [l.dino_weight, l.ibot_weight, l.koleo_weight];
-            let ssl_total =
-                ssl_terms.iter().zip(weights).fold(Tensor::zeros_like(&total), |acc, ((_, t), w)| acc + t * w);
+            let ssl_total = ssl_terms.iter().fold(Tensor::zeros_like(&total), |acc, t| acc + &t.loss * t.weight);
             total += &ssl_total * l.lambda_ssl;
-            terms.extend(ssl_terms);
+            terms.extend(ssl_terms.into_iter().map(|t| (t.name, t.loss)));
             terms.push(("ssl", ssl_total));
             self.lap("ssl forward (teacher, student)", &mut t);
         }

@@ -28,7 +28,7 @@ use super::pretrain::step_seed;
 use super::run::{RunOptions, StepReport, Trainer};
 use super::schedule::CosineScheduler;
 use crate::data::augment::{Augment, ReconCrop};
-use crate::data::source::StreamOptions;
+use crate::data::stream::StreamOptions;
 use crate::data::Sample;
 use crate::dist::DataParallel;
 use crate::model::VtpModel;

@@ -25,7 +25,7 @@ use super::run::{RunOptions, StepReport, Trainer};
 use super::schedule::{ScheduleValues, Schedules};
 use super::teacher::Teacher;
 use crate::config::ClipFeat;
-use crate::data::source::StreamOptions;
+use crate::data::stream::StreamOptions;
 use crate::data::Sample;
 use crate::dist::DataParallel;
 use crate::model::encoder::{tokens_to_map, Features};

@@ -12,7 +12,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use image::{ImageFormat, Rgb, RgbImage};
-use vtp::data::source::{self, SampleStream, SkipCounts, SourceSpec, StreamOptions, StreamState};
+use vtp::data::reader::SkipCounts;
+use vtp::data::source::{self, SourceSpec};
+use vtp::data::stream::{SampleStream, StreamOptions, StreamState};
 use vtp::data::synthetic::{Split, SyntheticConfig, SyntheticDataset};
 use vtp::data::webdataset::{expand_braces, expand_shard_list, ShardWriter};
 use vtp::data::Sample;

@@ -7,7 +7,8 @@ use common::{assert_one_line_error, s};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::OnceLock;
-use vtp::data::source::{self, StreamOptions};
+use vtp::data::source;
+use vtp::data::stream::StreamOptions;
 use vtp::dit::stats::LatentStats;
 use vtp::io::read_safetensors_map;
 

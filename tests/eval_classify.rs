@@ -6,7 +6,8 @@ use std::cell::Cell;
 use image::{Rgb, RgbImage};
 use tch::{Device, Kind, Tensor};
 use vtp::config::VtpConfig;
-use vtp::data::source::{self, StreamOptions};
+use vtp::data::source;
+use vtp::data::stream::StreamOptions;
 use vtp::eval::classnames::{self, ClassSet, CIFAR10_CLASSNAMES};
 use vtp::eval::linear_probe::{
     extract_features, model_fingerprint, resize_center_crop, train_linear_probe, CacheKey, FeatureCache,

@@ -2,7 +2,7 @@
 //! own, one step ahead, hands every step exactly the batch and the data position that reading the
 //! feed in the training thread gives, also across epochs and after a restart from a saved position.
 use std::sync::Arc;
-use vtp::data::source::StreamOptions;
+use vtp::data::stream::StreamOptions;
 use vtp::data::Sample;
 use vtp::train::feed::{BatchQueue, DataFeed};
 

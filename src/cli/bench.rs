@@ -5,7 +5,8 @@
 //! reconstruction loss and no stochastic depth (as `benches/pytorch_pretrain.py` and
 //! `pytorch_vtp.py --mode train-step`), on one batch built once from the synthetic source.
 use super::ModelArgs;
-use crate::data::source::{self, StreamOptions};
+use crate::data::source;
+use crate::data::stream::StreamOptions;
 use crate::data::Sample;
 use crate::dist::DataParallel;
 use crate::dit::model::{DitConfig, LightningDit};

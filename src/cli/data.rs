@@ -3,11 +3,12 @@
 use super::images::to_vec;
 use crate::data::augment::{sample_rng, Augment, ClipCrop, DinoMultiCrop, ReconCrop};
 use crate::data::contact_sheet::{contact_sheet, Tile};
-use crate::data::image::to_rgb_image;
-use crate::data::source::{self, StreamOptions};
+use crate::data::image::{to_rgb_image, write_png};
+use crate::data::source;
+use crate::data::stream::StreamOptions;
 use crate::data::synthetic::{SyntheticConfig, SyntheticDataset};
 use crate::data::Sample;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -163,18 +164,11 @@ fn inspect(a: &InspectArgs) -> Result<()> {
     stats.print();
     let tiles: Vec<Tile> = shown.iter().map(|s| Tile { image: s.image.clone(), caption: s.caption.clone() }).collect();
     let samples_png = a.out.join("samples.png");
-    save_sheet(&contact_sheet(&tiles, 4, 128, 7), &samples_png)?;
+    write_png(&samples_png, &contact_sheet(&tiles, 4, 128, 7))?;
     let augment_png = a.out.join("augmentations.png");
-    save_sheet(&augmentation_sheet(&shown[..shown.len().min(4)], a)?, &augment_png)?;
+    write_png(&augment_png, &augmentation_sheet(&shown[..shown.len().min(4)], a)?)?;
     println!("wrote {} and {}", samples_png.display(), augment_png.display());
     Ok(())
-}
-
-fn save_sheet(img: &image::RgbImage, path: &std::path::Path) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create '{}'", dir.display()))?;
-    }
-    img.save(path).with_context(|| format!("cannot write '{}'", path.display()))
 }
 
 /// An ImageNet-normalised `[3, H, W]` tensor back to 8-bit RGB.

@@ -4,6 +4,7 @@
 use super::fid::InceptionArgs;
 use super::images::progress;
 use super::train::{print_summary, RunArgs};
+use crate::data::image::{save_grid01, Levels};
 use crate::data::synthetic;
 use crate::dit::cache::{self, ExtractOptions, LatentCache};
 use crate::dit::config::{DitTrainConfig, DIT_PRESETS};
@@ -12,7 +13,6 @@ use crate::dit::sampler::{Method, SamplerConfig};
 use crate::dit::stats::LatentStats;
 use crate::dit::train::{DitRun, TrainedDit};
 use crate::model::VtpModel;
-use crate::train::online::save_grid01;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
@@ -270,14 +270,14 @@ pub fn sample(a: &SampleArgs, device: Device) -> Result<()> {
     let (images, labels) = generate(&dit, &tokenizer, &opts, |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     for (i, img) in images.iter().enumerate() {
-        save_png01(&a.out.join(format!("{i:06}.png")), img)?;
+        save_grid01(&a.out.join(format!("{i:06}.png")), &[img.unsqueeze(0)], Levels::Round)?;
     }
     let classes = dit.info.num_classes.min(images.len() as i64) as usize;
     let per_row = images.len() / classes;
     let rows: Vec<Tensor> = (0..classes)
         .map(|c| Tensor::stack(&images[c..].iter().step_by(classes).take(per_row).collect::<Vec<_>>(), 0))
         .collect();
-    save_grid01(&a.out.join("grid.png"), &rows)?;
+    save_grid01(&a.out.join("grid.png"), &rows, Levels::Truncate)?;
     println!(
         "{} samples ({} classes of '{}', {:?} sampler, {} points, shift {}, CFG {}) in {}",
         labels.len(),
@@ -290,18 +290,6 @@ pub fn sample(a: &SampleArgs, device: Device) -> Result<()> {
         a.out.display()
     );
     Ok(())
-}
-
-/// Writes a `[3, H, W]` image in `[0, 1]` (8-bit quantised) as a PNG.
-fn save_png01(path: &Path, img: &Tensor) -> Result<()> {
-    let (_, h, w) = img.size3()?;
-    let bytes = Vec::<u8>::try_from(
-        (img * 255.0).round().to_kind(tch::Kind::Uint8).permute([1, 2, 0]).contiguous().view([-1]),
-    )?;
-    let rgb = image::RgbImage::from_raw(w as u32, h as u32, bytes).context("image buffer size")?;
-    let mut png = Vec::new();
-    rgb.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-    crate::io::write_atomic(path, &png)
 }
 
 /// Arguments of `vtp dit reference`.

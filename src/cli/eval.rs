@@ -4,7 +4,8 @@
 use super::fid::InceptionArgs;
 use super::images::progress;
 use super::ModelArgs;
-use crate::data::source::{self, StreamOptions};
+use crate::data::source;
+use crate::data::stream::StreamOptions;
 use crate::data::Sample;
 use crate::eval::classnames::{self, ResolvedClassSet};
 use crate::eval::linear_probe::{

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::image::list_images;
-use super::source::{IndexedSource, Skip};
-use super::webdataset::decode_image;
+use super::image::{decode_image, list_images};
+use super::reader::{IndexedSource, Skip};
 use super::Sample;
 
 /// Caption template of class folders: `{}` is replaced by the class (folder) name.

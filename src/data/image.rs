@@ -1,5 +1,6 @@
 //! Image I/O for the tokenizer: decoding, fitting to a size the model accepts, ImageNet
-//! normalisation (CHW `f32`) and PNG output.
+//! normalisation (CHW `f32`) and PNG output (every PNG the crate writes goes through [`encode_png`]:
+//! [`write_png`] for an RGB image, [`save_png`] for normalised values, [`save_grid01`] for tensors).
 //!
 //! Normalisation matches torchvision `ToTensor` + `Normalize` bit for bit (spec §1.6, §5).
 //! Resampling for [`Fit::AdmCenterCrop`] re-implements Pillow's `Image.resize` (BOX and BICUBIC,
@@ -11,10 +12,12 @@
 //! that PIL uses by a few levels in some pixels (chroma upsampling, IDCT).
 
 use std::fs;
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Result};
-use image::{ImageFormat, ImageReader, RgbImage};
+use anyhow::{anyhow, bail, Context, Result};
+use image::{imageops, ImageFormat, ImageReader, RgbImage};
+use tch::{Device, Kind, Tensor};
 
 /// ImageNet per-channel (RGB) mean (spec §1.6).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -76,15 +79,60 @@ pub fn to_rgb_image(chw_normalised: &[f32], height: usize, width: usize) -> Resu
     RgbImage::from_raw(w, h, interleave_u8(chw_normalised, plane)).ok_or_else(too_big)
 }
 
-/// Writes an ImageNet-normalised CHW image as an 8-bit RGB PNG ([`to_rgb_image`]), creating parent
-/// directories.
+/// Writes an ImageNet-normalised CHW image as an 8-bit RGB PNG ([`to_rgb_image`], [`write_png`]).
 pub fn save_png(path: &Path, chw_normalised: &[f32], height: usize, width: usize) -> Result<()> {
     let fail = |msg: String| anyhow!("cannot write PNG '{}': {msg}", path.display());
     let img = to_rgb_image(chw_normalised, height, width).map_err(|e| fail(e.to_string()))?;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent).map_err(|e| fail(one_line(&e)))?;
+    write_png(path, &img).map_err(|e| fail(one_line(&format!("{e:#}"))))
+}
+
+/// How a value in `[0, 1]` becomes an 8-bit level after scaling by 255.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Levels {
+    /// Truncated, as the reference tools' `astype(uint8)`.
+    Truncate,
+    /// Rounded to the nearest level (exact for images already quantised to 8 bits).
+    Round,
+}
+
+/// Writes rows of images `[N, 3, H, W]` in `[0, 1]` (one tensor per row) as one PNG grid, each value
+/// scaled by 255 and brought to 8 bits by `levels` ([`write_png`]); one image `[3, H, W]` is the
+/// grid `&[image.unsqueeze(0)]`.
+pub fn save_grid01(path: &Path, rows: &[Tensor], levels: Levels) -> Result<()> {
+    let (n, _, h, w) = rows[0].size4()?;
+    let mut grid = RgbImage::new((n * w) as u32, (rows.len() as i64 * h) as u32);
+    for (r, row) in rows.iter().enumerate() {
+        let scaled = row.to_device(Device::Cpu).to_kind(Kind::Float) * 255.0;
+        let pixels = match levels {
+            Levels::Truncate => scaled,
+            Levels::Round => scaled.round(),
+        }
+        .to_kind(Kind::Uint8);
+        for i in 0..n {
+            let bytes = Vec::<u8>::try_from(pixels.get(i).permute([1, 2, 0]).contiguous().view([-1]))?;
+            let tile = RgbImage::from_raw(w as u32, h as u32, bytes).context("grid tile size")?;
+            imageops::replace(&mut grid, &tile, i * w, r as i64 * h);
+        }
     }
-    img.save_with_format(path, ImageFormat::Png).map_err(|e| fail(one_line(&e)))
+    write_png(path, &grid)
+}
+
+/// Writes an RGB image to `path` as PNG ([`encode_png`]), atomically, creating parent folders.
+pub fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
+    crate::io::write_atomic(path, &encode_png(img)?)
+}
+
+/// The PNG file bytes of an RGB image (the `image` crate's default encoder settings).
+pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
+    let mut png = Vec::new();
+    img.write_to(&mut Cursor::new(&mut png), ImageFormat::Png).context("cannot encode PNG")?;
+    Ok(png)
+}
+
+/// Decodes encoded image bytes (format sniffed from the content) to RGB8; `None` when they do
+/// not decode.
+pub(crate) fn decode_image(bytes: &[u8]) -> Option<RgbImage> {
+    image::load_from_memory(bytes).ok().map(|img| img.into_rgb8())
 }
 
 /// The images (`.png`, `.jpg`, `.jpeg`, `.webp`, any case) directly inside `dir`, sorted by path.
@@ -444,6 +492,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = save_png(&dir.path().join("x.png"), &[0.0; 10], 2, 2).unwrap_err();
         assert!(err.to_string().contains("expected 3x2x2 = 12 values, got 10"), "{err}");
+    }
+
+    #[test]
+    fn grid_tiles_rows_and_chooses_the_levels() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grid.png");
+        // Two rows of two 1x1 images: 100.9 / 255 everywhere but the last image (its index / 255).
+        let rows: Vec<Tensor> = (0..2)
+            .map(|r| {
+                Tensor::from_slice(&[100.9f32 / 255.0, (100 + r) as f32 / 255.0])
+                    .view([2, 1, 1, 1])
+                    .repeat([1, 3, 1, 1])
+            })
+            .collect();
+        let levels_at = |levels| {
+            save_grid01(&path, &rows, levels).unwrap();
+            let img = image::open(&path).unwrap().into_rgb8();
+            assert_eq!(img.dimensions(), (2, 2));
+            img.pixels().map(|p| p.0[0]).collect::<Vec<u8>>()
+        };
+        assert_eq!(levels_at(Levels::Truncate)[0], 100);
+        assert_eq!(levels_at(Levels::Round), [101, 100, 101, 101]);
+        assert_eq!(decode_image(&encode_png(&pattern(5, 3)).unwrap()).unwrap(), pattern(5, 3));
     }
 
     #[test]

@@ -1,12 +1,18 @@
 //! Data: the stream of captioned samples every stage reads (pre-training, evaluation, generation),
 //! its sources (built-in synthetic scenes, WebDataset shards, image folders) and the per-branch
 //! augmentations and iBOT masking (spec §4.2–§4.3).
+//!
+//! Imports run one way: [`reader`] (the traits a source implements) ← the sources ([`synthetic`],
+//! [`folder`], [`webdataset`], which decode and encode through [`image`]) ← [`source`] (parses a
+//! SPEC, the only module that knows every source) → [`stream`] (the worker threads).
 pub mod augment;
 pub mod contact_sheet;
 pub mod folder;
 pub mod image;
 pub mod masking;
+pub mod reader;
 pub mod source;
+pub mod stream;
 pub mod synthetic;
 pub mod webdataset;
 

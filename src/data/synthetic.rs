@@ -26,7 +26,8 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::Sample;
+use super::reader::{IndexedSource, Skip};
+use super::Sample;
 
 /// Canonical shape names; a shape's id is its index here.
 pub const SHAPES: &[&str] = &["circle", "square", "triangle", "star", "cross", "ring", "diamond", "heart"];
@@ -264,6 +265,16 @@ impl SyntheticDataset {
         };
         let hash = splitmix64(splitmix64(splitmix64(self.config.seed) ^ split) ^ index as u64);
         ChaCha8Rng::seed_from_u64(hash)
+    }
+}
+
+impl IndexedSource for SyntheticDataset {
+    fn len(&self) -> usize {
+        self.len()
+    }
+
+    fn get(&self, index: usize) -> Result<Sample, Skip> {
+        Ok(self.get(index))
     }
 }
 

@@ -3,20 +3,19 @@
 //! (`.tar`, or gzip-compressed `.tar.gz` / `.tgz`) or `http(s)://` URLs streamed without a full
 //! download. [`ShardWriter`] writes such shards deterministically.
 //!
-//! Reading is driven by [`crate::data::source`], which splits the shards over ranks and workers,
+//! Reading is driven by [`super::stream`], which splits the shards over ranks and workers,
 //! shuffles them and counts skipped samples.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Cursor, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
-use image::{ImageFormat, RgbImage};
-
-use super::source::{EpochOrder, Reader, ReaderPlan, Skip};
+use super::image::{decode_image, encode_png};
+use super::reader::{EpochOrder, Reader, ReaderPlan, Skip};
 use super::Sample;
+use anyhow::{anyhow, bail, Context, Result};
 
 /// Integer labels by label set, as in [`Sample::labels`].
 type Labels = BTreeMap<String, i64>;
@@ -265,12 +264,6 @@ fn json_labels(bytes: &[u8]) -> Result<Option<Labels>, Skip> {
         .map(Some)
 }
 
-/// Decodes encoded image bytes (format sniffed from the content) to RGB8; `None` when they do
-/// not decode.
-pub(crate) fn decode_image(bytes: &[u8]) -> Option<RgbImage> {
-    image::load_from_memory(bytes).ok().map(|img| img.into_rgb8())
-}
-
 /// Splits a member name into (key, lower-case extension) at the first `.` of its file name;
 /// `None` for names without one and hidden files.
 fn split_member(name: &str) -> Option<(&str, String)> {
@@ -454,13 +447,8 @@ impl Drop for ShardWriter {
 /// The (member name, bytes) of one sample, in writing order.
 fn encode_members(sample: &Sample) -> Result<Vec<(String, Vec<u8>)>> {
     let key = member_key(&sample.key)?;
-    let mut png = Cursor::new(Vec::new());
-    sample
-        .image
-        .write_to(&mut png, ImageFormat::Png)
-        .with_context(|| format!("cannot encode sample '{}' as PNG", sample.key))?;
-    let mut members =
-        vec![(format!("{key}.png"), png.into_inner()), (format!("{key}.txt"), sample.caption.clone().into_bytes())];
+    let png = encode_png(&sample.image).with_context(|| format!("cannot encode sample '{}' as PNG", sample.key))?;
+    let mut members = vec![(format!("{key}.png"), png), (format!("{key}.txt"), sample.caption.clone().into_bytes())];
     if let Some(cls) = sample.labels.get("cls").or_else(|| sample.labels.get("shape_color")) {
         members.push((format!("{key}.cls"), cls.to_string().into_bytes()));
     }

@@ -8,7 +8,8 @@
 //! the manifest after each, so a restarted extraction skips the samples of the shards it has.
 use super::stats::LatentStats;
 use crate::data::image::{prepare_rgb, Fit};
-use crate::data::source::{self, StreamOptions};
+use crate::data::source;
+use crate::data::stream::StreamOptions;
 use crate::data::Sample;
 use crate::eval::linear_probe::model_fingerprint;
 use crate::io::{read_safetensors_map, write_atomic, write_safetensors};

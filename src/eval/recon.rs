@@ -83,7 +83,7 @@ pub fn evaluate_source(
     m: &ReconMetrics,
     progress: impl FnMut(usize),
 ) -> Result<ReconResult> {
-    let stream = crate::data::source::open(spec, &crate::data::source::StreamOptions::default())?.take(limit);
+    let stream = crate::data::source::open(spec, &crate::data::stream::StreamOptions::default())?.take(limit);
     let mut result = evaluate(model, stream, m, progress)?;
     result.protocol = format!("{} on '{spec}'", result.protocol);
     Ok(result)

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::image::{prepare_rgb, Fit, ImageTensor};
-use crate::data::source::{self, StreamOptions};
+use crate::data::source;
+use crate::data::stream::StreamOptions;
 use crate::data::Sample;
 use crate::model::text::token_ids;
 use crate::model::VtpModel;

@@ -2,7 +2,9 @@
 //! checkpoint stores so a resumed run reads exactly the samples the uninterrupted run would have;
 //! and the [`BatchQueue`] that reads and builds the next step's batch on a thread of its own while
 //! the current step computes (PyTorch's `DataLoader` workers with `prefetch_factor`, for one batch).
-use crate::data::source::{self, SampleStream, SkipCounts, SourceSpec, StreamOptions, StreamState};
+use crate::data::reader::SkipCounts;
+use crate::data::source::{self, SourceSpec};
+use crate::data::stream::{SampleStream, StreamOptions, StreamState};
 use crate::data::Sample;
 use crate::dist::DataParallel;
 use anyhow::{anyhow, bail, ensure, Context, Result};

@@ -2,8 +2,9 @@
 //! the online evaluation (zero-shot top-1 and reconstruction PSNR / SSIM through the same library
 //! code `vtp eval` runs) and the reconstruction grid (held-out inputs above their reconstructions).
 use super::config::EvalConfig;
-use crate::data::image::{prepare_rgb, Fit};
-use crate::data::source::{self, StreamOptions};
+use crate::data::image::{prepare_rgb, save_grid01, Fit, Levels};
+use crate::data::source;
+use crate::data::stream::StreamOptions;
 use crate::data::Sample;
 use crate::eval::classnames;
 use crate::eval::linear_probe::{train_linear_probe, ProbeConfig, Protocol};
@@ -12,7 +13,7 @@ use crate::eval::zero_shot::{self, squash_resize};
 use crate::model::VtpModel;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// The frozen features the online linear probes read: the final-norm CLS token (what CLIP and DINO
 /// train) and the mean of the 64-d latents (what reconstruction and the generator see).
@@ -170,23 +171,5 @@ impl ReconGrid {
 /// Writes rows of ImageNet-normalised images `[N, 3, H, W]` (one tensor per row) as one PNG grid.
 pub fn save_grid(path: &Path, rows: &[Tensor]) -> Result<()> {
     let rows: Vec<Tensor> = rows.iter().map(recon::denormalise).collect();
-    save_grid01(path, &rows)
-}
-
-/// Writes rows of images `[N, 3, H, W]` in `[0, 1]` (one tensor per row) as one PNG grid, each value
-/// scaled by 255 and truncated to 8 bits as the reference tools do.
-pub fn save_grid01(path: &Path, rows: &[Tensor]) -> Result<()> {
-    let (n, _, h, w) = rows[0].size4()?;
-    let mut grid = image::RgbImage::new((n * w) as u32, (rows.len() as i64 * h) as u32);
-    for (r, row) in rows.iter().enumerate() {
-        let pixels = (row.to_device(Device::Cpu).to_kind(Kind::Float) * 255.0).to_kind(Kind::Uint8);
-        for i in 0..n {
-            let bytes = Vec::<u8>::try_from(pixels.get(i).permute([1, 2, 0]).contiguous().view([-1]))?;
-            let tile = image::RgbImage::from_raw(w as u32, h as u32, bytes).context("grid tile size")?;
-            image::imageops::replace(&mut grid, &tile, i * w, r as i64 * h);
-        }
-    }
-    let mut bytes = Vec::new();
-    grid.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
-    crate::io::write_atomic(path, &bytes)
+    save_grid01(path, &rows, Levels::Truncate)
 }

@@ -110,9 +110,7 @@ fn write_png(path: &Path, size: (u32, u32), draw: impl FnOnce(&Area<'_>) -> Resu
         root.present()?;
     }
     let image = image::RgbImage::from_raw(size.0, size.1, pixels).context("chart buffer has the wrong size")?;
-    let mut png = std::io::Cursor::new(Vec::new());
-    image.write_to(&mut png, image::ImageFormat::Png).context("cannot encode the chart as PNG")?;
-    crate::io::write_atomic(path, png.get_ref())
+    crate::data::image::write_png(path, &image)
 }
 
 /// One series per metric key (in first-appearance order), with a point at each step that logged it.

@@ -1,61 +1,52 @@
-//! `vtp claim`: the paper's claim at small scale (VTP §1, Fig. 4/5 in miniature). Tokenizers are
-//! pre-trained on the synthetic scenes with `objectives = ae` (reconstruction only) and `all`
-//! (CLIP + SSL + reconstruction) at several step budgets, evaluated (zero-shot, linear probe, PSNR,
-//! rFID), their latents cached, and the same LightningDiT recipe trained on each; every DiT is scored
-//! at several points of its training (FID against real held-out images, and the class accuracy of its
-//! samples by a reference classifier). Each stage is a `vtp` child process whose output folder is
-//! kept, so an interrupted experiment continues where it stopped; the table (`claim.md`,
+//! The paper's claim at small scale, the experiment `vtp claim` runs (VTP §1, Fig. 4/5 in
+//! miniature). Tokenizers are pre-trained on the synthetic scenes with `objectives = ae`
+//! (reconstruction only) and `all` (CLIP + SSL + reconstruction) at several step budgets, evaluated
+//! (zero-shot, linear probe, PSNR, rFID), their latents cached, and the same LightningDiT recipe
+//! trained on each; every DiT is scored at several points of its training (FID against real held-out
+//! images, and the class accuracy of its samples by a reference classifier). Each stage is a child
+//! process of the running `vtp` executable whose output folder is kept, so an interrupted experiment
+//! continues where it stopped; its typed reports are read back, and the table (`claim.md`,
 //! `claim.json`) and the plots (`claim-fid.png`, `claim-accuracy.png`) are written at the end.
-use super::fid::InceptionArgs;
+use crate::dit::generate::{GenerationReport, ReferenceInfo};
+use crate::eval::report::EvalReport;
+use crate::io::read_json;
 use crate::train::plots::{plot_curves, Series};
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use serde::Serialize;
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-/// Arguments of `vtp claim`.
-#[derive(Args, Debug)]
-pub struct ClaimArgs {
-    /// Experiment folder (continued when it exists).
-    #[arg(long, short = 'o', default_value = "runs/claim")]
-    out: PathBuf,
-    /// The CI-sized form of the same experiment (tiny budgets and sample counts, minutes).
-    #[arg(long)]
-    quick: bool,
-    #[command(flatten)]
-    inception: InceptionArgs,
-}
-
 /// The sizes of one experiment.
 #[derive(Debug, Clone, Serialize)]
-struct Plan {
+pub struct Plan {
     /// Tokenizer pre-training step budgets (the tokenizer-compute axis).
-    budgets: Vec<u64>,
+    pub budgets: Vec<u64>,
     /// DiT training steps, the same for every tokenizer.
-    dit_steps: u64,
+    pub dit_steps: u64,
     /// DiT steps at which samples are scored.
-    dit_points: Vec<u64>,
+    pub dit_points: Vec<u64>,
     /// Generated samples per score (FID N).
-    fid_n: usize,
-    /// Real held-out images of the FID reference, and training images of its classifier.
-    reference_n: usize,
-    reference_train_n: usize,
+    pub fid_n: usize,
+    /// Real held-out images of the FID reference.
+    pub reference_n: usize,
+    /// Real training images of the reference classifier.
+    pub reference_train_n: usize,
     /// Training images encoded into each latent cache.
-    cache_n: usize,
-    /// Held-out images of the tokenizer evaluation, and linear-probe training images.
-    eval_n: usize,
-    probe_train_n: usize,
-    /// Extra overrides of the pre-training and DiT runs.
-    pretrain_overrides: Vec<String>,
-    dit_overrides: Vec<String>,
+    pub cache_n: usize,
+    /// Held-out images of the tokenizer evaluation.
+    pub eval_n: usize,
+    /// Linear-probe training images.
+    pub probe_train_n: usize,
+    /// Extra overrides of the pre-training runs.
+    pub pretrain_overrides: Vec<String>,
+    /// Extra overrides of the DiT runs.
+    pub dit_overrides: Vec<String>,
 }
 
 impl Plan {
     /// The full experiment (≈ 1¼ hours on 2 cores: three budgets, N = 500) or its quick form (a few minutes).
-    fn new(quick: bool) -> Self {
+    pub fn new(quick: bool) -> Self {
         if quick {
             Plan {
                 budgets: vec![4, 8],
@@ -119,12 +110,11 @@ struct Row {
     dit: Vec<(u64, f64, Option<f64>)>,
 }
 
-/// Runs the experiment, stage by stage, and writes its table and plots.
-pub fn claim(a: &ClaimArgs) -> Result<()> {
-    let plan = Plan::new(a.quick);
-    let out = &a.out;
+/// Runs the experiment `plan` in the folder `out`, stage by stage (children of the running `vtp`
+/// executable; those that score images use the FID Inception weights `inception`), reads their
+/// reports back and writes the table and plots.
+pub fn run(out: &Path, plan: &Plan, inception: PathBuf) -> Result<()> {
     std::fs::create_dir_all(out.join("logs")).with_context(|| format!("cannot create '{}'", out.display()))?;
-    let inception = a.inception.path().context(crate::eval::inception::WEIGHTS_HELP)?;
     let vtp = Stage { exe: std::env::current_exe()?, logs: out.join("logs"), inception };
     let reference = out.join("reference");
     vtp.run_once("reference", &reference.join("reference.json"), |c| {
@@ -142,10 +132,10 @@ pub fn claim(a: &ClaimArgs) -> Result<()> {
     let mut rows = Vec::new();
     for objectives in OBJECTIVES {
         for &steps in &plan.budgets {
-            rows.push(tokenizer_and_dit(&vtp, &plan, out, &reference, objectives, steps)?);
+            rows.push(tokenizer_and_dit(&vtp, plan, out, &reference, objectives, steps)?);
         }
     }
-    write_report(out, &plan, &rows, &reference)
+    write_report(out, plan, &rows, &reference)
 }
 
 /// Pre-trains, evaluates, caches and generates for one (objectives, budget) pair.
@@ -205,19 +195,18 @@ fn tokenizer_and_dit(
             c.args(["dit", "fid", "--dit"]).arg(&checkpoint).arg("--reference").arg(reference);
             c.args(["-n", &plan.fid_n.to_string()]).arg("--report").arg(&report);
         })?;
-        let r = read_json(&report)?;
-        let fid = r["fid"].as_f64().with_context(|| format!("'{}' has no fid", report.display()))?;
-        scores.push((point, fid, r["class_accuracy"].as_f64()));
+        let r: GenerationReport = read_json(&report)?;
+        scores.push((point, r.fid, r.class_accuracy));
     }
-    let e = read_json(&eval)?;
+    let e = EvalReport::read(&eval)?;
     Ok(Row {
         objectives: objectives.to_string(),
         tokenizer_steps: steps,
         tokenizer_seconds: seconds,
-        zero_shot_top1: e["zero_shot"]["top1"].as_f64(),
-        linear_probe_top1: e["linear_probe"][0]["top1"].as_f64(),
-        psnr: e["reconstruction"]["psnr"].as_f64(),
-        rfid: e["reconstruction"]["rfid"].as_f64(),
+        zero_shot_top1: e.zero_shot.map(|z| z.top1),
+        linear_probe_top1: e.linear_probe.first().map(|p| p.top1),
+        psnr: e.reconstruction.as_ref().map(|r| r.psnr),
+        rfid: e.reconstruction.and_then(|r| r.rfid),
         dit: scores,
     })
 }
@@ -237,11 +226,6 @@ fn gcd_all(values: &[u64]) -> u64 {
         }
     }
     values.iter().copied().fold(0, gcd).max(1)
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read '{}'", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("'{}' is not valid JSON", path.display()))
 }
 
 /// Runs `vtp` child processes, each logged to `logs/<name>.log`.
@@ -279,11 +263,19 @@ impl Stage {
     }
 }
 
+/// What `claim.json` holds: the plan, the reference set and one row per tokenizer.
+#[derive(Serialize)]
+struct ClaimReport<'a> {
+    plan: &'a Plan,
+    reference: &'a ReferenceInfo,
+    rows: &'a [Row],
+}
+
 /// Writes `claim.json`, `claim.md` and the two plots.
 fn write_report(out: &Path, plan: &Plan, rows: &[Row], reference: &Path) -> Result<()> {
-    let r = read_json(&reference.join("reference.json"))?;
-    let classifier = r["classifier_real_accuracy"].as_f64().unwrap_or(f64::NAN);
-    let json = serde_json::json!({ "plan": plan, "reference": r, "rows": rows });
+    let r: ReferenceInfo = read_json(&reference.join("reference.json"))?;
+    let classifier = r.classifier_real_accuracy.unwrap_or(f64::NAN);
+    let json = ClaimReport { plan, reference: &r, rows };
     crate::io::write_atomic(&out.join("claim.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
     let opt =
         |v: Option<f64>, digits: usize, unit: &str| v.map_or("—".to_string(), |v| format!("{v:.digits$}{unit}"));
@@ -314,8 +306,8 @@ fn write_report(out: &Path, plan: &Plan, rows: &[Row], reference: &Path) -> Resu
         "\n\nFID: {} samples per score against {} ({}); class accuracy: the reference classifier's top-1 on the \
          samples (its top-1 on real held-out images: {classifier:.1} %).\n",
         plan.fid_n,
-        r["description"].as_str().unwrap_or("?"),
-        r["classifier_protocol"].as_str().unwrap_or("?"),
+        r.description,
+        r.classifier_protocol.as_deref().unwrap_or("?"),
     ));
     crate::io::write_atomic(&out.join("claim.md"), md.as_bytes())?;
     let last = |row: &Row, pick: fn(&(u64, f64, Option<f64>)) -> f64| row.dit.last().map_or(f64::NAN, pick);

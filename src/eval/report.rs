@@ -66,3 +66,45 @@ impl EvalReport {
         crate::io::read_json(path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The report keeps the keys existing `report.json` / `eval.json` files have, and reads back as written.
+    #[test]
+    fn report_keeps_its_keys_and_reads_back() {
+        let classes = Some(ClassesSummary { name: "synthetic-shape".into(), n_classes: 4 });
+        let mut report =
+            EvalReport::new("random".into(), "0123456789abcdef".into(), "synthetic:heldout".into(), classes);
+        report.reconstruction = Some(ReconResult { psnr: 20.5, rfid: Some(3.0), ..ReconResult::default() });
+        report.skipped.push("LPIPS: no weights".into());
+        let json = serde_json::to_value(&report).unwrap();
+        let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        let expected = [
+            "model",
+            "model_fingerprint",
+            "data",
+            "classes",
+            "zero_shot",
+            "linear_probe",
+            "linear_probe_train_data",
+            "reconstruction",
+            "skipped",
+        ];
+        assert_eq!(keys, expected);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eval.json");
+        report.write(&path).unwrap();
+        assert_eq!(EvalReport::read(&path).unwrap(), report);
+    }
+
+    /// The example report in `docs/eval/` (written before reports named their class set) still reads.
+    #[test]
+    fn the_committed_example_report_reads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/eval/random-small-synthetic-heldout.json");
+        let report = EvalReport::read(&path).unwrap();
+        assert_eq!(report.model_fingerprint, "73fa29884d40d3b8");
+        assert!(report.classes.is_none() && report.zero_shot.is_some() && !report.linear_probe.is_empty());
+    }
+}

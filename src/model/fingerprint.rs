@@ -76,3 +76,27 @@ impl Default for Fnv {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fingerprint of named tensors ignores their order and sees every name, shape and value.
+    #[test]
+    fn tensors_fingerprint_sees_names_shapes_and_values() {
+        let named = |pairs: &[(&str, Tensor)]| -> Vec<(String, Tensor)> {
+            pairs.iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect()
+        };
+        let (a, b) = (Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]), Tensor::from_slice(&[5i64]));
+        let base = tensors_fingerprint(&named(&[("a", a.shallow_clone()), ("b", b.shallow_clone())])).unwrap();
+        assert_eq!(base.len(), 16);
+        assert_eq!(tensors_fingerprint(&named(&[("b", b.shallow_clone()), ("a", a.shallow_clone())])).unwrap(), base);
+        for other in [
+            named(&[("a", a.shallow_clone()), ("c", b.shallow_clone())]),
+            named(&[("a", a.view([2, 2])), ("b", b.shallow_clone())]),
+            named(&[("a", &a + 1e-3), ("b", b.shallow_clone())]),
+        ] {
+            assert_ne!(tensors_fingerprint(&other).unwrap(), base);
+        }
+    }
+}

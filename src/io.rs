@@ -1,4 +1,4 @@
-//! File helpers shared by every command: atomic writes and safetensors <-> tch tensors.
+//! File helpers shared by every command: atomic writes, typed JSON reads and safetensors <-> tch tensors.
 use anyhow::{bail, Context, Result};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
@@ -14,6 +14,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = parent.join(format!(".{name}.tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write '{}'", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write '{}'", path.display()))
+}
+
+/// The JSON file at `path` read as a `T` (e.g. a report another command wrote).
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read '{}'", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("'{}' is malformed", path.display()))
 }
 
 fn kind_of(dtype: Dtype) -> Option<Kind> {

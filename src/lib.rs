@@ -7,6 +7,7 @@ pub mod data;
 pub mod dist;
 pub mod dit;
 pub mod eval;
+pub mod experiments;
 pub mod hub;
 pub mod io;
 pub mod kernels;

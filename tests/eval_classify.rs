@@ -10,10 +10,11 @@ use vtp::data::source;
 use vtp::data::stream::StreamOptions;
 use vtp::eval::classnames::{self, ClassSet, CIFAR10_CLASSNAMES};
 use vtp::eval::linear_probe::{
-    extract_features, model_fingerprint, resize_center_crop, train_linear_probe, CacheKey, FeatureCache,
-    LinearProbeResult, ProbeConfig, Protocol, OFFICIAL_LR_GRID,
+    extract_features, resize_center_crop, train_linear_probe, CacheKey, FeatureCache, LinearProbeResult, ProbeConfig,
+    Protocol, OFFICIAL_LR_GRID,
 };
 use vtp::eval::zero_shot::{classify, labelled_batches, squash_resize, topk_hits, ZeroShotClassifier, LOGIT_SCALE};
+use vtp::model::fingerprint::model_fingerprint;
 use vtp::model::VtpModel;
 
 /// A tiny CLIP-enabled model: width 32, depth 4 (so `official-n4` applies), the full CLIP vocabulary

@@ -4,22 +4,18 @@
 use super::fid::InceptionArgs;
 use super::images::progress;
 use super::ModelArgs;
-use crate::data::source;
-use crate::data::stream::StreamOptions;
-use crate::data::Sample;
 use crate::eval::classnames::{self, ResolvedClassSet};
-use crate::eval::linear_probe::{
-    extract_features, model_fingerprint, resize_center_crop, train_linear_probe, CacheKey, FeatureCache,
-    LinearProbeResult, ProbeConfig, Protocol, PROBE_CROP, PROBE_RESIZE,
-};
+use crate::eval::linear_probe::{FeatureCache, ProbeConfig, Protocol, PROBE_CROP};
 use crate::eval::lpips::{self, Lpips};
+use crate::eval::probe_pipeline::{linear_probes, ProbeOutcome, ProbeSetup};
 use crate::eval::recon::{self, ReconMetrics, ReconResult};
-use crate::eval::zero_shot::{self, labelled_batches, ZeroShotResult};
+use crate::eval::report::{ClassesSummary, EvalReport};
+use crate::eval::zero_shot::{self, ZeroShotResult};
+use crate::model::fingerprint::model_fingerprint;
 use crate::model::VtpModel;
 use anyhow::{bail, Result};
 use clap::Args;
-use indicatif::ProgressBar;
-use serde::Serialize;
+use indicatif::ProgressFinish;
 use std::path::PathBuf;
 use tch::Device;
 
@@ -80,75 +76,12 @@ pub struct EvalArgs {
     out: PathBuf,
 }
 
-/// The JSON report.
-#[derive(Serialize, Debug)]
-struct Report {
-    model: String,
-    model_fingerprint: String,
-    data: String,
-    classes: Option<ClassesSummary>,
-    zero_shot: Option<ZeroShotResult>,
-    linear_probe: Vec<LinearProbeResult>,
-    linear_probe_train_data: Option<String>,
-    reconstruction: Option<ReconResult>,
-    skipped: Vec<String>,
-}
-
-/// The class set of the report: its name and size.
-#[derive(Serialize, Debug)]
-struct ClassesSummary {
-    name: String,
-    n_classes: usize,
-}
-
-/// The source stream limited to `limit` samples, with a progress bar.
-fn samples(spec: &str, limit: usize, what: &str) -> Result<(impl Iterator<Item = Result<Sample>>, ProgressBar)> {
-    let bar = progress(limit, what);
-    let counter = bar.clone();
-    let stream = source::open(spec, &StreamOptions::default())?.take(limit).inspect(move |_| counter.inc(1));
-    Ok((stream, bar))
-}
-
 fn zero_shot(model: &VtpModel, a: &EvalArgs, classes: &ResolvedClassSet) -> Result<ZeroShotResult> {
     let bar = progress(a.limit, "zero-shot");
     let result =
         zero_shot::evaluate_set(model, &a.data, classes, a.limit, a.batch, a.size, |n| bar.set_position(n as u64));
     bar.finish_and_clear();
     result
-}
-
-/// The probe's features and labels of the first `--limit` samples of `spec` (label `set.label_key`),
-/// cached.
-fn probe_features(
-    model: &VtpModel,
-    a: &EvalArgs,
-    (spec, set): (&str, &ResolvedClassSet),
-    protocol: Protocol,
-    fingerprint: &str,
-) -> Result<(tch::Tensor, tch::Tensor)> {
-    let key = CacheKey {
-        model: fingerprint.to_string(),
-        data: format!("{spec}|n{}|resize{}crop{}|{}", a.limit, probe_resize(a.probe_crop), a.probe_crop, set.label_key),
-        protocol: protocol.name(),
-    };
-    FeatureCache::new(&a.cache).get_or_compute(&key, || {
-        let (stream, bar) = samples(spec, a.limit, &format!("features {}", protocol.name()))?;
-        let batches = labelled_batches(stream, &set.label_key, a.batch, |img| {
-            resize_center_crop(img, probe_resize(a.probe_crop), a.probe_crop)
-        });
-        let out = extract_features(model, batches, protocol);
-        bar.finish_and_clear();
-        out
-    })
-}
-
-/// The resize before a `crop` centre crop: §5.2's 256 for 224, else `round(crop·256/224)`.
-fn probe_resize(crop: u32) -> u32 {
-    if crop == PROBE_CROP {
-        PROBE_RESIZE
-    } else {
-        (f64::from(crop) * f64::from(PROBE_RESIZE) / f64::from(PROBE_CROP)).round() as u32
-    }
 }
 
 /// The class set of --train-data, which must name the classes of --data (`classes`) in the same order:
@@ -180,31 +113,28 @@ fn class_sets(a: &EvalArgs, tasks: &[&str]) -> Result<(Option<ResolvedClassSet>,
 }
 
 /// The linear probes of every --protocols feature protocol (spec §5.2), trained on --train-data
-/// (`train_classes`) and evaluated on --data (`classes`); protocols the model lacks are `skipped`.
+/// (`train_classes`) and evaluated on --data (`classes`), with a progress bar per feature extraction.
 fn linear_probe(
     model: &VtpModel,
     a: &EvalArgs,
     (classes, train_classes): (&ResolvedClassSet, &ResolvedClassSet),
     fingerprint: &str,
-    skipped: &mut Vec<String>,
-) -> Result<Vec<LinearProbeResult>> {
-    let config = ProbeConfig { epochs: a.epochs, ..ProbeConfig::default() };
-    let mut results = Vec::new();
-    for name in a.protocols.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let protocol: Protocol = name.parse()?;
-        if let Err(e) = protocol.check(model) {
-            skipped.push(format!("linear-probe {name}: {e}"));
-            continue;
-        }
-        let train = probe_features(model, a, (&a.train_data, train_classes), protocol, fingerprint)?;
-        let val = probe_features(model, a, (&a.data, classes), protocol, fingerprint)?;
-        let n_classes = Some(classes.class_names.len());
-        let mut r =
-            train_linear_probe((&train.0, &train.1), (&val.0, &val.1), n_classes, &config, &protocol.description())?;
-        r.protocol = format!("{} (train '{}', eval '{}')", r.protocol, a.train_data, a.data);
-        results.push(r);
-    }
-    Ok(results)
+) -> Result<ProbeOutcome> {
+    let protocols: Vec<Protocol> =
+        a.protocols.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::parse).collect::<Result<_>>()?;
+    let setup = ProbeSetup {
+        train: (&a.train_data, train_classes),
+        val: (&a.data, classes),
+        limit: a.limit,
+        batch: a.batch,
+        crop: a.probe_crop,
+        config: ProbeConfig { epochs: a.epochs, ..ProbeConfig::default() },
+        cache: FeatureCache::new(&a.cache),
+    };
+    linear_probes(model, fingerprint, &protocols, &setup, |what| {
+        let bar = progress(a.limit, what).with_finish(ProgressFinish::AndClear);
+        move |n| bar.set_position(n as u64)
+    })
 }
 
 fn reconstruction(model: &VtpModel, a: &EvalArgs, device: Device, skipped: &mut Vec<String>) -> Result<ReconResult> {
@@ -229,7 +159,7 @@ fn reconstruction(model: &VtpModel, a: &EvalArgs, device: Device, skipped: &mut 
     result
 }
 
-fn print_table(r: &Report) {
+fn print_table(r: &EvalReport) {
     println!("{:<44} {:>10} {:>8}  protocol", "metric", "value", "images");
     let row = |name: &str, v: f64, n: usize, p: &str| println!("{name:<44} {v:>10.4} {n:>8}  {p}");
     if let Some(z) = &r.zero_shot {
@@ -262,17 +192,8 @@ pub fn eval(a: &EvalArgs, device: Device) -> Result<()> {
     let (classes, train_classes) = class_sets(a, &tasks)?;
     let model = a.model.load(device)?;
     let fingerprint = model_fingerprint(&model)?;
-    let mut report = Report {
-        model: a.model.describe(),
-        model_fingerprint: fingerprint.clone(),
-        data: a.data.clone(),
-        classes: classes.as_ref().map(|c| ClassesSummary { name: c.name.clone(), n_classes: c.class_names.len() }),
-        zero_shot: None,
-        linear_probe: Vec::new(),
-        linear_probe_train_data: None,
-        reconstruction: None,
-        skipped: Vec::new(),
-    };
+    let summary = classes.as_ref().map(|c| ClassesSummary { name: c.name.clone(), n_classes: c.class_names.len() });
+    let mut report = EvalReport::new(a.model.describe(), fingerprint.clone(), a.data.clone(), summary);
     if let (true, Some(classes)) = (tasks.contains(&"zero-shot"), &classes) {
         if model.config.train_clip {
             report.zero_shot = Some(zero_shot(&model, a, classes)?);
@@ -281,7 +202,9 @@ pub fn eval(a: &EvalArgs, device: Device) -> Result<()> {
         }
     }
     if let (Some(classes), Some(train_classes)) = (&classes, &train_classes) {
-        report.linear_probe = linear_probe(&model, a, (classes, train_classes), &fingerprint, &mut report.skipped)?;
+        let probes = linear_probe(&model, a, (classes, train_classes), &fingerprint)?;
+        report.linear_probe = probes.results;
+        report.skipped.extend(probes.skipped);
         report.linear_probe_train_data = Some(a.train_data.clone());
     }
     if tasks.contains(&"recon") {
@@ -292,7 +215,7 @@ pub fn eval(a: &EvalArgs, device: Device) -> Result<()> {
         }
     }
     print_table(&report);
-    crate::io::write_atomic(&a.out, (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
+    report.write(&a.out)?;
     println!("wrote {}", a.out.display());
     Ok(())
 }

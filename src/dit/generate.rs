@@ -100,10 +100,13 @@ const REF_INFO: &str = "reference.json";
 
 /// What `reference.json` records.
 #[derive(Serialize, Deserialize)]
-struct ReferenceInfo {
-    description: String,
-    classifier_protocol: Option<String>,
-    classifier_real_accuracy: Option<f64>,
+pub struct ReferenceInfo {
+    /// The reference images, e.g. `500 real images of '<SPEC>' at 64²`.
+    pub description: String,
+    /// How its classifier was trained, when it has one.
+    pub classifier_protocol: Option<String>,
+    /// That classifier's top-1 on the real held-out images, percent.
+    pub classifier_real_accuracy: Option<f64>,
 }
 
 /// Inception features and labels of the first `n` images of `spec` at `size` (ADM centre crop,

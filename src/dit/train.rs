@@ -99,7 +99,7 @@ impl TrainedDit {
     pub fn tokenizer(&self, over: Option<&str>, device: Device) -> Result<VtpModel> {
         let spec = over.unwrap_or(&self.info.tokenizer);
         let model = VtpModel::load(&crate::hub::resolve_model_dir(spec)?, device)?;
-        let fingerprint = crate::eval::linear_probe::model_fingerprint(&model)?;
+        let fingerprint = crate::model::fingerprint::model_fingerprint(&model)?;
         if fingerprint != self.info.fingerprint {
             bail!(
                 "tokenizer '{spec}' (fingerprint {fingerprint}) is not the one this DiT was trained on ({})",

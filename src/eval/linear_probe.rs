@@ -20,7 +20,6 @@
 //! (official: bf16 autocast features). The official tool reports the max over its n=1 and n=4 classifiers
 //! together; that is `max(official-n1, official-n4)` here (the classifiers are independent).
 
-use std::collections::BTreeMap;
 use std::f64::consts::PI;
 use std::fmt;
 use std::path::PathBuf;
@@ -38,6 +37,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::image::{prepare_rgb, Fit, ImageTensor};
 use crate::io::{read_safetensors_map, write_safetensors};
+use crate::model::fingerprint::Fnv;
 use crate::model::{Layers, VtpModel};
 
 use super::zero_shot::LabelledBatch;
@@ -214,52 +214,10 @@ where
     Ok((Tensor::cat(&features, 0), Tensor::from_slice(&labels)))
 }
 
-/// A fingerprint of a model's weights and configuration: 64-bit FNV-style hash (16 hex digits) over the
-/// config JSON and every parameter and buffer (name, dtype, shape, bytes) in name order. For cache keys,
-/// not for security.
-pub fn model_fingerprint(model: &VtpModel) -> Result<String> {
-    let mut h = Fnv::new();
-    h.bytes(serde_json::to_string(&model.config)?.as_bytes());
-    let mut tensors: BTreeMap<String, Tensor> = model.vs.variables().into_iter().collect();
-    for (name, t) in model.buffers() {
-        tensors.insert(name, t.shallow_clone());
-    }
-    for (name, t) in &tensors {
-        h.bytes(name.as_bytes());
-        h.bytes(format!("{:?}{:?}", t.kind(), t.size()).as_bytes());
-        let flat = t.to_device(Device::Cpu).contiguous().reshape([-1]).view_dtype(Kind::Uint8);
-        h.bytes(&Vec::<u8>::try_from(&flat)?);
-    }
-    Ok(format!("{:016x}", h.0))
-}
-
-/// 64-bit FNV-1a over bytes, 8 bytes per step.
-struct Fnv(u64);
-
-impl Fnv {
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn bytes(&mut self, data: &[u8]) {
-        let mut chunks = data.chunks_exact(8);
-        for c in &mut chunks {
-            let word = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-            self.0 = (self.0 ^ word).wrapping_mul(Self::PRIME);
-        }
-        for &b in chunks.remainder() {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(Self::PRIME);
-        }
-        self.0 = (self.0 ^ data.len() as u64).wrapping_mul(Self::PRIME);
-    }
-}
-
 /// What identifies a set of cached features.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheKey {
-    /// The model, e.g. [`model_fingerprint`].
+    /// The model, e.g. [`model_fingerprint`](crate::model::fingerprint::model_fingerprint).
     pub model: String,
     /// The data: source SPEC, split, sample count and preprocessing (e.g. `synthetic:heldout?n=500|crop224`).
     pub data: String,
@@ -289,7 +247,7 @@ impl FeatureCache {
         }
         let safe: String =
             key.protocol.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-        self.dir.join(format!("{safe}-{:016x}.safetensors", h.0))
+        self.dir.join(format!("{safe}-{}.safetensors", h.hex()))
     }
 
     /// The cached features of `key`, or `None` when there is no readable file whose metadata matches `key`.

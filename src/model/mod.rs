@@ -5,6 +5,7 @@ pub mod block;
 pub mod decoder;
 pub mod encoder;
 pub mod ffn;
+pub mod fingerprint;
 pub mod norm;
 pub mod rope;
 pub mod text;

@@ -29,6 +29,7 @@ use super::step::{guarded_backward, step_seed};
 use crate::data::augment::{Augment, ReconCrop};
 use crate::data::Sample;
 use crate::dist::DataParallel;
+use crate::model::fingerprint::tensors_fingerprint;
 use crate::model::VtpModel;
 use anyhow::{bail, Context, Result};
 use config::FinetuneConfig;
@@ -79,7 +80,7 @@ pub struct FinetuneRun {
     batches: BatchQueue<Tensor>,
     grid: ReconGrid,
     /// A checksum of the frozen weights, stored in checkpoints: a resume must load the same tokenizer.
-    frozen_fingerprint: f64,
+    frozen_fingerprint: String,
     /// This process's place in the job and every rank's data position.
     dp: Arc<DataParallel>,
     feeds: RankPositions,
@@ -105,11 +106,6 @@ fn adamw(named: Vec<(String, Tensor)>, config: AdamWConfig) -> AdamW {
     AdamW::new(dinov2_param_specs(named, 0, 1.0, 1.0), config)
 }
 
-/// The sum of the frozen weights in f64 (deterministic for the same weights on the same device).
-fn fingerprint(frozen: &[(String, Tensor)]) -> f64 {
-    tch::no_grad(|| frozen.iter().map(|(_, t)| t.to_kind(Kind::Double).sum(Kind::Double).double_value(&[])).sum())
-}
-
 impl FinetuneRun {
     /// A fresh run of `config` on the tokenizer `model` with the reconstruction loss `recon`: the
     /// encoder, bottleneck and every other non-decoder weight frozen, the discriminator seeded by
@@ -122,7 +118,7 @@ impl FinetuneRun {
         for (_, t) in &frozen {
             let _ = t.set_requires_grad(false);
         }
-        let frozen_fingerprint = fingerprint(&frozen);
+        let frozen_fingerprint = tensors_fingerprint(&frozen)?;
         tch::manual_seed(config.train.seed as i64);
         let disc_vs = nn::VarStore::new(model.device());
         let l = &config.loss;
@@ -349,7 +345,7 @@ impl Trainer for FinetuneRun {
     }
 
     fn restore(&mut self, tensors: &HashMap<String, Tensor>, state: &serde_json::Value) -> Result<()> {
-        if state["frozen_fingerprint"].as_f64() != Some(self.frozen_fingerprint) {
+        if state["frozen_fingerprint"].as_str() != Some(self.frozen_fingerprint.as_str()) {
             bail!("--resume: the checkpoint was trained on another tokenizer than '{}'", self.config.model);
         }
         let mut live = named_parameters(&self.model, true);

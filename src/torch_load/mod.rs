@@ -181,6 +181,7 @@ struct Archive {
 }
 
 impl Archive {
+    /// Opens the archive at `path`, reading its central directory.
     fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).context("cannot open")?;
         let len = file.metadata().context("cannot open")?.len();

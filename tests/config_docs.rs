@@ -6,6 +6,7 @@ use vtp::dit::config::{DitTrainConfig, DIT_PRESETS};
 use vtp::train::config::ConfigDocs;
 use vtp::train::finetune::config::{FinetuneConfig, FINETUNE_PRESETS};
 use vtp::train::pretrain::config::{PretrainConfig, PRETRAIN_PRESETS};
+use vtp::train::run::RunConfig;
 
 /// The dotted path of every leaf (non-table value) of `value`, below `prefix`.
 fn leaf_paths(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
@@ -27,14 +28,15 @@ fn is_real_doc(doc: &str) -> bool {
     doc.len() >= 8 && !placeholder
 }
 
-/// Checks every key of `config` (named `what`): a real doc, and the printed TOML's doc line before it.
-fn assert_every_key_documented<C: Serialize + ConfigDocs>(what: &str, config: &C, printed: &str) {
+/// Checks every key of `config` (named `what`): a real doc, and the doc line before it in the printed TOML.
+fn assert_every_key_documented<C: Serialize + ConfigDocs + RunConfig>(what: &str, config: &C) {
     let mut paths = Vec::new();
     leaf_paths(&toml::Value::try_from(config).unwrap(), "", &mut paths);
     assert!(paths.len() > 20, "{what}: {paths:?}");
     let undocumented: Vec<&String> = paths.iter().filter(|p| !C::key_doc(p).is_some_and(is_real_doc)).collect();
     assert!(undocumented.is_empty(), "{what}: keys without a doc: {undocumented:?}");
 
+    let printed = config.to_commented_toml().unwrap();
     let lines: Vec<&str> = printed.lines().collect();
     let mut printed_keys = 0;
     for (i, line) in lines.iter().enumerate() {
@@ -51,7 +53,7 @@ fn assert_every_key_documented<C: Serialize + ConfigDocs>(what: &str, config: &C
 fn every_pretrain_key_has_a_doc() {
     for name in PRETRAIN_PRESETS {
         let config = PretrainConfig::preset(name).unwrap();
-        assert_every_key_documented(&format!("pretrain {name}"), &config, &config.to_commented_toml().unwrap());
+        assert_every_key_documented(&format!("pretrain {name}"), &config);
     }
     let doc = PretrainConfig::key_doc("model.vision_depth").unwrap();
     assert!(doc.contains("vision encoder"), "each model key has its own doc, not a generic one: {doc}");
@@ -61,7 +63,7 @@ fn every_pretrain_key_has_a_doc() {
 fn every_finetune_key_has_a_doc() {
     for name in FINETUNE_PRESETS {
         let config = FinetuneConfig::preset(name).unwrap();
-        assert_every_key_documented(&format!("finetune {name}"), &config, &config.to_commented_toml().unwrap());
+        assert_every_key_documented(&format!("finetune {name}"), &config);
     }
 }
 
@@ -69,7 +71,7 @@ fn every_finetune_key_has_a_doc() {
 fn every_dit_key_has_a_doc() {
     for name in DIT_PRESETS {
         let config = DitTrainConfig::preset(name).unwrap();
-        assert_every_key_documented(&format!("dit {name}"), &config, &config.to_commented_toml().unwrap());
+        assert_every_key_documented(&format!("dit {name}"), &config);
     }
 }
 

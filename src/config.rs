@@ -78,52 +78,95 @@ pub enum TextProj {
     None,
 }
 
-/// The released `VTPConfig` (spec §2.1). Unknown keys of a `config.json` are kept in `extra` and
-/// written back unchanged, so a round trip preserves `architectures`, `model_type`, `dtype`, ….
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// The released `VTPConfig` (spec §2.1), each field documented with its official default in brackets.
+/// Unknown keys of a `config.json` are kept in `extra` and written back unchanged, so a round trip
+/// preserves `architectures`, `model_type`, `dtype`, ….
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, documented::DocumentedFields)]
 #[serde(default)]
 pub struct VtpConfig {
+    /// Nominal image side: `patch_embed.img_size` (bookkeeping) and the tools' resize [256].
     pub image_size: i64,
+    /// Build the CLIP parts: `visual_proj`, the text tower and `logit_scale` [true].
     pub train_clip: bool,
+    /// Build the pixel decoder [true].
     pub train_reconstruction: bool,
+    /// Patch size P = the latent's downsampling factor [16].
     pub vision_patch_size: i64,
+    /// Width D of the vision encoder [768].
     pub vision_embed_dim: i64,
+    /// Blocks of the vision encoder [12].
     pub vision_depth: i64,
+    /// Attention heads h of the vision encoder; head width D/h, a multiple of 4 for the RoPE [12].
     pub vision_num_heads: i64,
+    /// FFN hidden width int(D·ratio) of the vision encoder, then the SwiGLU rounding [4.0].
     pub vision_mlp_ratio: f64,
+    /// Vision FFN: "mlp", "swiglu", "swiglu32", "swiglu64" or "swiglu128" (SwiGLU hidden rounded up to 8, 32, 64, 128)
+    /// ["swiglu"].
     pub vision_ffn_layer: FfnLayer,
+    /// Vision norms: "rmsnorm" (eps 1e-5), "layernorm" (eps 1e-6) or "layernormbf16" (eps 1e-5) ["rmsnorm"].
     pub vision_norm_layer: NormLayer,
+    /// LayerScale init of the vision blocks; absent or 0 = no LayerScale [none].
     pub vision_init_values: Option<f64>,
+    /// Per-head RMSNorm on q and k in the vision encoder [false].
     pub vision_use_qk_norm: bool,
+    /// Latent channels (also the pixel decoder's input and the DiT's in_channels); = D means no bottleneck layer [64].
     pub vision_feature_bottleneck: i64,
+    /// Only reconstruction sees the bottleneck; CLIP and SSL see the full-width tokens [true].
     pub vision_bottleneck_ae_only: bool,
+    /// Token of the CLIP image feature: "cls", or "pooled" (mean of the normalised patch tokens) ["cls"].
     pub vision_clip_feat: ClipFeat,
+    /// Text length: positional table and causal mask size, and the tokenizer's [77].
     pub text_context_length: i64,
+    /// Token embedding rows of the text tower [49408].
     pub text_vocab_size: i64,
+    /// Width Wt of the text tower = the CLIP embedding width (also `visual_proj`'s output) [768].
     pub text_embed_dim: i64,
+    /// Attention heads of the text tower [12].
     pub text_num_heads: i64,
+    /// Layers of the text tower [12].
     pub text_depth: i64,
+    /// MLP hidden width int(Wt·ratio) of the text tower [4.0].
     pub text_mlp_ratio: f64,
+    /// LayerScale init of the text tower; absent = none [none].
     pub text_ls_init_value: Option<f64>,
+    /// Append a learned CLS embedding (CoCa style); true is not supported, as in the official code [false].
     pub text_embed_cls: bool,
+    /// Pad token id (only used by the CLS-embedding mask) [0].
     pub text_pad_id: i64,
+    /// Text attention without the causal mask [false].
     pub text_no_causal_mask: bool,
+    /// Text pooling: "argmax" (the EOT token), "first" or "last"; "none" is not supported ["argmax"].
     pub text_pool_type: TextPool,
+    /// Text projection: "linear" (a Wt × Wt projection) or "none" ["linear"].
     pub text_proj_type: TextProj,
+    /// The text projection is an `nn.Linear(Wt, Wt)` with bias instead of a bare matrix [false].
     pub text_proj_bias: bool,
+    /// Return the text tokens too (not used by `VTPModel`) [false].
     pub text_output_tokens: bool,
+    /// QuickGELU x·σ(1.702x) instead of exact GELU in the text tower [false].
     pub text_quick_gelu: bool,
+    /// Width Dd of the pixel decoder [768].
     pub decoder_embed_dim: i64,
+    /// Attention heads of the pixel decoder [12].
     pub decoder_num_heads: i64,
+    /// Blocks of the pixel decoder [12].
     pub decoder_depth: i64,
+    /// Pixel-decoder FFN, as vision_ffn_layer (its ratio is fixed at 4) ["swiglu"].
     pub decoder_ffn_layer: FfnLayer,
+    /// Pixel-decoder norms, as vision_norm_layer ["layernorm"].
     pub decoder_norm_layer: NormLayer,
+    /// LayerScale init of the pixel-decoder blocks; absent or 0 = none [none].
     pub decoder_init_values: Option<f64>,
+    /// Per-head RMSNorm on q and k in the pixel decoder [false].
     pub decoder_use_qk_norm: bool,
+    /// Initial CLIP logit scale; absent = ln(1/0.07) [none].
     pub init_logit_scale: Option<f64>,
+    /// Initial CLIP logit bias; present = a SigLIP-style `logit_bias` parameter [none].
     pub init_logit_bias: Option<f64>,
+    /// `logit_scale` of shape [1] instead of a scalar [false].
     pub nonscalar_logit_scale: bool,
-    /// Keys that are not `VTPConfig` fields (kept verbatim on round trip).
+    /// Not a `VTPConfig` field: metadata of the released `config.json` (architectures, model_type,
+    /// torch_dtype, …), kept verbatim on a round trip.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
-use vtp::dit::model::{DitConfig, GuidedChannels, LightningDit, BUFFER_NAMES, PRESET_NAMES};
+use vtp::dit::config::{DitConfig, PRESET_NAMES};
+use vtp::dit::model::{GuidedChannels, LightningDit, BUFFER_NAMES};
 use vtp::io::{read_safetensors_map, write_safetensors};
 
 /// Parity bound (relative L2 error).

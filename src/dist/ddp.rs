@@ -11,21 +11,22 @@ use std::time::Duration;
 use tch::{Kind, Tensor};
 
 /// The `[dist]` settings of a run (also `vtp dist-check`'s flags).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, clap::Args)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, clap::Args, documented::DocumentedFields)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistConfig {
-    /// Seconds one collective may wait for the other ranks before the run fails (PyTorch's default
-    /// process-group timeout is 30 minutes; rank 0's evaluation runs while the others wait).
+    /// Seconds one collective of a multi-process run may wait for the other ranks before the run fails
+    /// (rank 0's evaluation runs while the others wait) [PyTorch's process-group timeout: 1800].
     #[arg(long, default_value_t = 1800.0)]
     pub timeout_s: f64,
-    /// Seconds to wait for every rank to join at the start (a rank that never starts fails after it).
+    /// Seconds a multi-process run waits for every rank to join at the start (a rank that never starts
+    /// fails after it).
     #[arg(long, default_value_t = 300.0)]
     pub join_timeout_s: f64,
-    /// Gradient bucket size in MiB (DDP's `bucket_cap_mb`).
+    /// Gradient all-reduce bucket size in MiB of a multi-process run [DDP bucket_cap_mb: 25].
     #[arg(long, default_value_t = 25.0)]
     pub bucket_mib: f64,
-    /// All-reduce each gradient bucket as soon as the backward pass has produced it (DDP's
-    /// `c10d::Reducer`), instead of all of them after the pass.
+    /// Multi-process runs: all-reduce each gradient bucket as soon as the backward pass has produced it
+    /// (DDP's `c10d::Reducer`), instead of all of them after the pass.
     #[arg(long, default_value_t = false)]
     pub overlap: bool,
 }

@@ -1,64 +1,317 @@
-//! The `vtp dit train` configuration (spec §5.4 "DiT configs", §8.7): one TOML section per concern,
-//! presets, dotted overrides and commented printing through the same machinery as `vtp pretrain`.
+//! The DiT's configurations: the model's `LightningDiT(...)` arguments ([`DitConfig`], its
+//! `config.json`, spec §8.1) and the `vtp dit train` run (spec §5.4 "DiT configs", §8.7): one TOML
+//! section per concern, presets, dotted overrides and commented printing through the same machinery
+//! as `vtp pretrain`. The `[sample]` section is the sampler's own [`SamplerConfig`].
 use super::cache::{CacheManifest, LatentCache};
-use super::model::DitConfig;
 use super::sampler::SamplerConfig;
 use super::transport::TimeSampling;
 use crate::dist::DistConfig;
+use crate::io::write_atomic;
 use crate::train::config::{
-    commented_toml, key_doc, load_layered, CheckpointConfig, DebugConfig, LogConfig, TrainConfig,
+    commented_toml, field_doc, load_layered, shared_key_doc, CheckpointConfig, ConfigDocs, DebugConfig, LogConfig,
+    TrainConfig,
 };
 use crate::train::optim::AdamWConfig;
 use crate::train::run::RunConfig;
 use anyhow::{bail, Context, Result};
+use documented::DocumentedFields;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::Path;
+
+/// The published preset names accepted by [`DitConfig::preset`] (spec §8.1; "tiny" and "small" are
+/// the CPU-sized presets of `pytorch_dit.py`; "B", "L", "XL" without a patch size mean patch 1, as
+/// there and in the VTP configs). An optional `LightningDiT-` prefix is accepted too.
+pub const PRESET_NAMES: [&str; 15] = [
+    "tiny", "small", "B", "B/1", "B/2", "L", "L/1", "L/2", "XL", "XL/1", "XL/2", "1p0B/1", "1p0B/2", "1p6B/1", "1p6B/2",
+];
+
+/// `LightningDiT(...)` constructor arguments, named and defaulted as in the official code (spec §8.1);
+/// this is `config.json`. Unknown keys are errors (a `[model]` typo in a training config must not pass
+/// silently); [`Self::from_file`] drops the non-architecture keys a `config.json` may carry
+/// (`use_checkpoint`, and `_`-prefixed notes such as `_class`, `_derived`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields)]
+#[serde(default, deny_unknown_fields)]
+pub struct DitConfig {
+    /// Latent height = width (0 in a `vtp dit train` config = from the cache) [VTP: 16].
+    pub input_size: i64,
+    /// Patch side of the `x_embedder` conv [VTP: 1].
+    pub patch_size: i64,
+    /// Latent channels (0 in a `vtp dit train` config = from the cache) [VTP: 64].
+    pub in_channels: i64,
+    /// Transformer width [XL: 1152].
+    pub hidden_size: i64,
+    /// Number of blocks [XL: 28].
+    pub depth: i64,
+    /// Attention heads [XL: 16].
+    pub num_heads: i64,
+    /// MLP hidden = int(hidden_size · mlp_ratio) (SwiGLU: int(2/3 · that)) [4].
+    pub mlp_ratio: f64,
+    /// Training label dropout to the null class (CFG); > 0 also adds the null-class row `num_classes` [0.1].
+    pub class_dropout_prob: f64,
+    /// Number of real classes, the null / CFG label being `num_classes` (0 in a `vtp dit train` config = from the
+    /// cache) [ImageNet: 1000].
+    pub num_classes: i64,
+    /// The final layer predicts 2·in_channels channels and `forward` returns the first in_channels [VTP: false].
+    pub learn_sigma: bool,
+    /// Per-head q/k norm (RMSNorm with use_rmsnorm, else affine LayerNorm eps 1e-5) [VTP: false].
+    pub use_qknorm: bool,
+    /// SwiGLU FFN (`w12`, `w3`) instead of timm's GELU-tanh `Mlp` (`fc1`, `fc2`) [VTP: true].
+    pub use_swiglu: bool,
+    /// 2-D RoPE on q and k (`feat_rope`) [VTP: true].
+    pub use_rope: bool,
+    /// RMSNorm (with weight) instead of affine-free LayerNorm for norm1/norm2/norm_final [VTP: true].
+    pub use_rmsnorm: bool,
+    /// 4-way adaLN modulation without shifts in the blocks [VTP: false].
+    pub wo_shift: bool,
+}
+
+impl Default for DitConfig {
+    /// The official constructor defaults (spec §8.1).
+    fn default() -> Self {
+        Self {
+            input_size: 32,
+            patch_size: 2,
+            in_channels: 32,
+            hidden_size: 1152,
+            depth: 28,
+            num_heads: 16,
+            mlp_ratio: 4.0,
+            class_dropout_prob: 0.1,
+            num_classes: 1000,
+            learn_sigma: false,
+            use_qknorm: false,
+            use_swiglu: false,
+            use_rope: false,
+            use_rmsnorm: false,
+            wo_shift: false,
+        }
+    }
+}
+
+impl DitConfig {
+    /// The VTP generation setup (spec §5.4): 16×16×64 latents, 1000 classes, SwiGLU + RoPE + RMSNorm,
+    /// no q/k-norm, with shift; the given size.
+    fn vtp(hidden_size: i64, depth: i64, num_heads: i64, patch_size: i64) -> Self {
+        Self {
+            input_size: 16,
+            patch_size,
+            in_channels: 64,
+            hidden_size,
+            depth,
+            num_heads,
+            num_classes: 1000,
+            use_qknorm: false,
+            use_swiglu: true,
+            use_rope: true,
+            use_rmsnorm: true,
+            wo_shift: false,
+            ..Self::default()
+        }
+    }
+
+    /// A preset by name ([`PRESET_NAMES`], spec §8.1) with the VTP options; an unknown name is an error
+    /// listing the valid ones.
+    pub fn preset(name: &str) -> Result<Self> {
+        let (hidden, depth, heads, patch) = match name.strip_prefix("LightningDiT-").unwrap_or(name) {
+            "tiny" => (64, 2, 2, 1),
+            "small" => (384, 12, 6, 1),
+            "B" | "B/1" => (768, 12, 12, 1),
+            "B/2" => (768, 12, 12, 2),
+            "L" | "L/1" => (1024, 24, 16, 1),
+            "L/2" => (1024, 24, 16, 2),
+            "XL" | "XL/1" => (1152, 28, 16, 1),
+            "XL/2" => (1152, 28, 16, 2),
+            "1p0B/1" => (1536, 24, 24, 1),
+            "1p0B/2" => (1536, 24, 24, 2),
+            "1p6B/1" => (1792, 28, 28, 1),
+            "1p6B/2" => (1792, 28, 28, 2),
+            _ => bail!("unknown LightningDiT preset '{name}'; valid: {}", PRESET_NAMES.join(", ")),
+        };
+        Ok(Self::vtp(hidden, depth, heads, patch))
+    }
+
+    /// Checks the sizes the architecture needs (spec §8.2–§8.4): positive sizes, `patch_size` divides
+    /// `input_size`, `num_heads` divides `hidden_size`, `hidden_size` divisible by 4 (sin-cos table),
+    /// head_dim divisible by 4 with RoPE, a ratio > 0 and a dropout probability in [0, 1].
+    pub fn validate(&self) -> Result<()> {
+        let sizes = [
+            ("input_size", self.input_size),
+            ("patch_size", self.patch_size),
+            ("in_channels", self.in_channels),
+            ("hidden_size", self.hidden_size),
+            ("depth", self.depth),
+            ("num_heads", self.num_heads),
+            ("num_classes", self.num_classes),
+        ];
+        for (key, v) in sizes {
+            if v <= 0 {
+                bail!("{key} must be positive, got {v}");
+            }
+        }
+        if self.input_size % self.patch_size != 0 {
+            bail!("patch_size {} must divide input_size {}", self.patch_size, self.input_size);
+        }
+        if self.hidden_size % self.num_heads != 0 {
+            bail!("num_heads {} must divide hidden_size {}", self.num_heads, self.hidden_size);
+        }
+        if self.hidden_size % 4 != 0 {
+            bail!("hidden_size {} must be a multiple of 4 (2-D sin-cos table)", self.hidden_size);
+        }
+        if self.use_rope && self.head_dim() % 4 != 0 {
+            bail!("with use_rope the head dim hidden_size/num_heads = {} must be a multiple of 4", self.head_dim());
+        }
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 || self.mlp_hidden() <= 0 {
+            bail!("mlp_ratio must be positive, got {}", self.mlp_ratio);
+        }
+        if !(0.0..=1.0).contains(&self.class_dropout_prob) {
+            bail!("class_dropout_prob must be in [0, 1], got {}", self.class_dropout_prob);
+        }
+        Ok(())
+    }
+
+    /// Reads and validates a `config.json` (`use_checkpoint` and `_`-prefixed keys ignored); errors name
+    /// the file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config '{}'", path.display()))?;
+        let mut value: Value =
+            serde_json::from_str(&text).with_context(|| format!("invalid config '{}'", path.display()))?;
+        if let Value::Object(map) = &mut value {
+            map.retain(|k, _| !k.starts_with('_') && k != "use_checkpoint");
+        }
+        let config: Self =
+            serde_json::from_value(value).with_context(|| format!("invalid config '{}'", path.display()))?;
+        config.validate().with_context(|| format!("invalid config '{}'", path.display()))?;
+        Ok(config)
+    }
+
+    /// Writes `config.json` as `pytorch_dit.py` does: the constructor arguments plus
+    /// `use_checkpoint: false`, sorted keys, 2-space indent.
+    pub fn to_file(&self, path: &Path) -> Result<()> {
+        let mut sorted: BTreeMap<String, Value> = match serde_json::to_value(self)? {
+            Value::Object(map) => map.into_iter().collect(),
+            _ => unreachable!("a struct serialises to an object"),
+        };
+        sorted.insert("use_checkpoint".into(), Value::Bool(false));
+        let text = serde_json::to_string_pretty(&sorted)? + "\n";
+        write_atomic(path, text.as_bytes())
+    }
+
+    /// Tokens per side, `input_size / patch_size`.
+    pub fn grid(&self) -> i64 {
+        self.input_size / self.patch_size
+    }
+
+    /// Number of tokens T = grid².
+    pub fn num_patches(&self) -> i64 {
+        self.grid() * self.grid()
+    }
+
+    /// Per-head width `hidden_size / num_heads`.
+    pub fn head_dim(&self) -> i64 {
+        self.hidden_size / self.num_heads
+    }
+
+    /// Channels the final layer predicts: `2·in_channels` with `learn_sigma`, else `in_channels`.
+    pub fn out_channels(&self) -> i64 {
+        if self.learn_sigma {
+            2 * self.in_channels
+        } else {
+            self.in_channels
+        }
+    }
+
+    /// `mlp_hidden_dim = int(hidden_size · mlp_ratio)` (spec §8.4).
+    pub fn mlp_hidden(&self) -> i64 {
+        (self.hidden_size as f64 * self.mlp_ratio) as i64
+    }
+
+    /// SwiGLU hidden width `int(2/3 · mlp_hidden)` (spec §8.4; 170 for the tiny fixture).
+    pub fn swiglu_hidden(&self) -> i64 {
+        (2.0 / 3.0 * self.mlp_hidden() as f64) as i64
+    }
+
+    /// Rows of the label table: `num_classes + 1` when `class_dropout_prob > 0` (the null row), else
+    /// `num_classes` (spec §8.2).
+    pub fn label_rows(&self) -> i64 {
+        self.num_classes + i64::from(self.has_null_class())
+    }
+
+    /// Whether the label table has the null / CFG row (`class_dropout_prob > 0`).
+    pub fn has_null_class(&self) -> bool {
+        self.class_dropout_prob > 0.0
+    }
+
+    /// The null (unconditional) label, `num_classes`.
+    pub fn null_class(&self) -> i64 {
+        self.num_classes
+    }
+}
 
 /// Preset names of [`DitTrainConfig::preset`].
 pub const DIT_PRESETS: [&str; 2] = ["tiny", "xl"];
 
 /// The whole `vtp dit train` run.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct DitTrainConfig {
+    /// The preset these defaults come from: tiny (2-core CPU, the tiny tokenizer's latents) or xl (VTP's
+    /// recipe).
     pub preset: String,
-    /// The latent cache folder (`vtp dit extract --out`).
+    /// The latent cache folder written by `vtp dit extract --out` (latents, labels, statistics).
     pub cache: String,
-    /// Latent statistics instead of the cache's: a released name or a file ("" = the cache's).
+    /// Latent statistics instead of the cache's: vtp-s, vtp-b, vtp-l (released, spec §5.4) or a file;
+    /// "" = the cache's.
     #[serde(default)]
     pub stats: String,
+    /// `[train]`: length, seed and failure handling.
     pub train: TrainConfig,
+    /// `[batch]`: latents per step.
     pub batch: DitBatchConfig,
+    /// `[transport]`: the time distribution and the loss.
     pub transport: TransportConfig,
+    /// `[optim]`: AdamW.
     pub optim: DitOptimConfig,
+    /// `[ema]`: the exported EMA weights.
     pub ema: EmaConfig,
+    /// `[sample]`: the sampler of the grids and `vtp dit sample`.
     pub sample: SamplerConfig,
+    /// `[eval]`: the EMA's flow loss and the sample grid.
     pub eval: DitEvalConfig,
+    /// `[log]`: metrics and plots.
     pub log: LogConfig,
+    /// `[checkpoint]`: how often and how many.
     pub checkpoint: CheckpointConfig,
     /// `[dist]`: the multi-process job's timeouts and gradient buckets.
     #[serde(default)]
     pub dist: crate::dist::DistConfig,
+    /// `[debug]`: fault injection.
     #[serde(default)]
     pub debug: DebugConfig,
+    /// `[model]`: the LightningDiT's arguments.
     pub model: DitConfig,
 }
 
-/// `[batch]`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// `[batch]`: latents per step.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct DitBatchConfig {
+    /// Latents per step [VTP: 1024 global].
     pub size: usize,
 }
 
 /// `[transport]`: the time distribution and the loss (spec §5.4 "Flow-matching objective").
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct TransportConfig {
-    /// `logit-normal` or `uniform`.
+    /// Training time distribution: logit-normal (t = sigmoid(N(mu, sigma))) or uniform.
     pub time: String,
+    /// Logit-normal mean [official code: 0; VTP configs state −0.5 (S/B), −0.75 (L), unread].
     pub mu: f64,
+    /// Logit-normal std [official code: 1; VTP configs state 1.25 (S/B), 1.0 (L), unread].
     pub sigma: f64,
+    /// Add mean(1 − cos over channels) to the velocity MSE [VTP: true].
     pub cosine_loss: bool,
 }
 
@@ -74,34 +327,45 @@ impl TransportConfig {
 }
 
 /// `[optim]`: AdamW with a constant learning rate.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct DitOptimConfig {
+    /// Constant AdamW learning rate [VTP: 2e-4].
     pub lr: f64,
+    /// AdamW beta1 [VTP: 0.9].
     pub beta1: f64,
+    /// AdamW beta2 [VTP: 0.95].
     pub beta2: f64,
+    /// AdamW epsilon [torch default: 1e-8].
     pub eps: f64,
+    /// Decoupled weight decay [VTP: 0].
     pub weight_decay: f64,
+    /// Gradient-norm clipping threshold, 0 = off [VTP: off].
     pub clip_grad: f64,
-    /// AdamW as ATen's fused kernel (`torch.optim.AdamW(fused=True)`); false = PyTorch's single-tensor update.
+    #[doc = crate::train::optim::fused_doc!()]
     #[serde(default = "crate::train::optim::fused_by_default")]
     pub fused: bool,
 }
 
-/// `[ema]`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// `[ema]`: the exponential moving average of the weights.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct EmaConfig {
+    /// EMA decay per step; the EMA weights are sampled and exported [VTP: 0.9999].
     pub decay: f64,
 }
 
 /// `[eval]`: the EMA's fixed-batch flow loss and the sample grid.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct DitEvalConfig {
+    /// EMA flow loss on a fixed batch (eval/flow_loss) every N steps, 0 = off.
     pub every: u64,
+    /// Latents in that fixed batch (the cache's first ones, fixed noise and times).
     pub samples: usize,
+    /// Sample grid (one row per class, decoded by the tokenizer) every N steps, 0 = off.
     pub grid_every: u64,
+    /// Samples per grid row.
     pub grid_images: usize,
 }
 
@@ -233,7 +497,7 @@ impl DitTrainConfig {
 
     /// The config as commented TOML: every key preceded by what it means (`--print-config`).
     pub fn to_commented_toml(&self) -> Result<String> {
-        commented_toml(self, DIT_HEADER, dit_key_doc)
+        commented_toml(self, DIT_HEADER)
     }
 }
 
@@ -260,59 +524,20 @@ impl DitOptimConfig {
 /// The first lines of `vtp dit train --print-config`.
 const DIT_HEADER: &str = "# vtp dit train configuration (spec §5.4, §8): LightningDiT trained by flow matching on a latent cache\n# (t = 0 noise, t = 1 data, velocity target x1 − x0, loss mean(mse) + mean(1 − cos)).\n";
 
-/// What each key of [`DitTrainConfig`] means; `train.*`, `log.*`, `checkpoint.*`, `debug.*` fall back to
-/// `vtp pretrain`'s table.
-pub fn dit_key_doc(path: &str) -> &'static str {
-    DIT_KEY_DOCS.iter().find(|(k, _)| *k == path).map_or_else(|| key_doc(path), |(_, d)| *d)
+impl ConfigDocs for DitTrainConfig {
+    fn section_key_doc(section: &str, key: &str) -> Option<&'static str> {
+        match section {
+            "batch" => field_doc::<DitBatchConfig>(key),
+            "transport" => field_doc::<TransportConfig>(key),
+            "optim" => field_doc::<DitOptimConfig>(key),
+            "ema" => field_doc::<EmaConfig>(key),
+            "sample" => field_doc::<SamplerConfig>(key),
+            "eval" => field_doc::<DitEvalConfig>(key),
+            "model" => field_doc::<DitConfig>(key),
+            _ => shared_key_doc(section, key),
+        }
+    }
 }
-
-const DIT_KEY_DOCS: &[(&str, &str)] = &[
-    (
-        "preset",
-        "the preset these defaults come from: tiny (2-core CPU, the tiny tokenizer's latents) or xl (VTP's recipe)",
-    ),
-    ("cache", "the latent cache folder written by `vtp dit extract` (latents, labels, statistics)"),
-    ("stats", "latent statistics instead of the cache's: vtp-s, vtp-b, vtp-l (released, spec §5.4) or a file; \"\" = the cache's"),
-    ("train.seed", "seed of every random draw (init, batch order, flips, times, noise, label dropout)"),
-    ("train.deterministic", "draw every step's randomness from (seed, step) so --resume is bit-identical"),
-    ("batch.size", "latents per step [VTP: 1024 global]"),
-    ("transport.time", "training time distribution: logit-normal (t = sigmoid(N(mu, sigma))) or uniform"),
-    ("transport.mu", "logit-normal mean [official code: 0; VTP configs state −0.5 (S/B), −0.75 (L), unread]"),
-    ("transport.sigma", "logit-normal std [official code: 1; VTP configs state 1.25 (S/B), 1.0 (L), unread]"),
-    ("transport.cosine_loss", "add mean(1 − cos over channels) to the velocity MSE [VTP: true]"),
-    ("optim.lr", "constant AdamW learning rate [VTP: 2e-4]"),
-    ("optim.beta1", "AdamW beta1 [VTP: 0.9]"),
-    ("optim.beta2", "AdamW beta2 [VTP: 0.95]"),
-    ("optim.eps", "AdamW epsilon [torch default: 1e-8]"),
-    ("optim.fused", crate::train::optim::FUSED_DOC),
-    ("optim.weight_decay", "decoupled weight decay [VTP: 0]"),
-    ("optim.clip_grad", "gradient-norm clipping threshold, 0 = off [VTP: off]"),
-    ("ema.decay", "EMA decay per step; the EMA weights are sampled and exported [VTP: 0.9999]"),
-    ("sample.method", "ODE integrator of the sample grids and `vtp dit sample`: euler or heun [VTP: euler]"),
-    ("sample.steps", "time-grid points linspace(0, 1, steps) (steps − 1 integration steps) [VTP: 250]"),
-    ("sample.shift", "timestep shift s: t ← s·t / (1 + (s − 1)·t), 0 = off [VTP: 0.075]"),
-    ("sample.cfg_scale", "classifier-free guidance scale, 1 = off [VTP: 1]"),
-    ("sample.cfg_interval_start", "guidance off while t < this [VTP: 0]"),
-    ("eval.every", "EMA flow loss on a fixed batch (eval/flow_loss) every N steps, 0 = off"),
-    ("eval.samples", "latents in that fixed batch (the cache's first ones, fixed noise and times)"),
-    ("eval.grid_every", "sample grid (one row per class, decoded by the tokenizer) every N steps, 0 = off"),
-    ("eval.grid_images", "samples per grid row"),
-    ("model.input_size", "latent side (0 = from the cache) [VTP: 16]"),
-    ("model.patch_size", "patch side of the x_embedder [VTP: 1]"),
-    ("model.in_channels", "latent channels (0 = from the cache) [VTP: 64]"),
-    ("model.hidden_size", "transformer width [XL: 1152]"),
-    ("model.depth", "blocks [XL: 28]"),
-    ("model.num_heads", "attention heads [XL: 16]"),
-    ("model.mlp_ratio", "MLP hidden = int(hidden·ratio), SwiGLU int(2/3·that) [4]"),
-    ("model.class_dropout_prob", "training label dropout to the null class (CFG) [0.1]"),
-    ("model.num_classes", "classes (0 = from the cache) [ImageNet: 1000]"),
-    ("model.learn_sigma", "predict 2·C channels and use the first C [VTP: false]"),
-    ("model.use_qknorm", "per-head q/k norm [VTP: false]"),
-    ("model.use_swiglu", "SwiGLU FFN instead of GELU-tanh MLP [VTP: true]"),
-    ("model.use_rope", "2-D RoPE on q and k [VTP: true]"),
-    ("model.use_rmsnorm", "RMSNorm instead of affine-free LayerNorm [VTP: true]"),
-    ("model.wo_shift", "adaLN modulation without shifts [VTP: false]"),
-];
 
 impl RunConfig for DitTrainConfig {
     fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self> {

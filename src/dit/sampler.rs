@@ -26,22 +26,23 @@ pub enum Method {
 }
 
 /// Sampler settings (`sample:` block of the LightningDiT configs); defaults are the VTP XL configs.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(deny_unknown_fields, default)]
 pub struct SamplerConfig {
-    /// Integrator (`sampling_method`).
+    /// ODE integrator (`sampling_method`) of the sample grids and `vtp dit sample`: euler or heun [VTP: euler].
     pub method: Method,
-    /// Number of grid **points** including both ends (`num_sampling_steps`, as the official
-    /// `linspace(0, 1, num_steps)`): `steps - 1` integration steps. At least 2. (The bench script's
-    /// `sample_euler(steps=k)` takes the step count, i.e. `k + 1` points.)
+    /// Time-grid points linspace(0, 1, steps) including both ends (`num_sampling_steps`): steps − 1
+    /// integration steps, at least 2 [VTP: 250]. (The bench script's `sample_euler(steps=k)` takes the
+    /// step count, i.e. k + 1 points.)
     pub steps: i64,
-    /// Timestep shift `s` (`timestep_shift`): `t ← s·t / (1 + (s - 1)·t)` on every grid point when `s > 0`;
-    /// 0 turns it off.
+    /// Timestep shift s (`timestep_shift`): t ← s·t / (1 + (s − 1)·t) on every grid point, 0 = off
+    /// [VTP: 0.075].
     pub shift: f64,
-    /// Classifier-free guidance scale; guidance runs only when it is above 1 (`inference.py`).
+    /// Classifier-free guidance scale; guidance runs only when it is above 1 (`inference.py`), 1 = off
+    /// [VTP: 1].
     pub cfg_scale: f64,
-    /// Guidance is switched off while `t < cfg_interval_start` (`forward_with_cfg(..., cfg_interval=True,
-    /// cfg_interval_start)`).
+    /// Guidance is switched off while t < this (`forward_with_cfg(..., cfg_interval=True,
+    /// cfg_interval_start)`) [VTP: 0].
     pub cfg_interval_start: f64,
 }
 

@@ -1,23 +1,33 @@
 //! What every trainer's configuration shares: the sections `[train]`, `[eval]`, `[log]`,
 //! `[checkpoint]`, `[debug]`, and the TOML machinery (a preset, a file over it, dotted `key=value`
-//! overrides, errors naming the key, and `--print-config` with a comment on every key).
+//! overrides, errors naming the key, and `--print-config` with every key's doc, read from the `///`
+//! comment on its struct field, [`ConfigDocs`]).
 use super::precision::Precision;
+use crate::dist::DistConfig;
 use anyhow::{bail, Context, Result};
+use documented::DocumentedFields;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::path::Path;
 
 /// `[train]`: length, seed and failure handling of the run.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
+    /// Optimisation steps of the run.
     pub steps: u64,
+    /// Seed of every random draw: data order, crops and augmentations, initialisation, and each
+    /// trainer's own (pre-training: masks, subsets, drop-path; decoder fine-tuning: the discriminator's
+    /// init; DiT: flips, times, noise, label dropout).
     pub seed: u64,
+    /// Deterministic mode: every step's randomness is drawn from (seed, step), so a --resume'd run
+    /// reproduces an uninterrupted one bit for bit.
     pub deterministic: bool,
+    /// Stop after this many consecutive steps with a non-finite loss or gradient.
     pub max_bad_steps: u64,
-    /// The arithmetic of the forward passes (f32, or bf16 autocast with f32 master weights).
+    /// Forward passes: "f32" or "bf16" (autocast; weights, norms, losses, optimiser f32).
     #[serde(default)]
     pub precision: Precision,
-    /// TF32 tensor cores for the f32 matmuls and convolutions on CUDA.
+    /// Let CUDA f32 matmuls and convolutions use TF32 tensor cores (no effect on the CPU).
     #[serde(default)]
     pub tf32: bool,
 }
@@ -30,42 +40,91 @@ impl TrainConfig {
 }
 
 /// `[eval]`: the online evaluation and reconstruction grid.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
+    /// Online evaluation on data.eval_source every N steps, 0 = off (pre-training: zero-shot top-1 and
+    /// PSNR; decoder fine-tuning: PSNR and SSIM).
     pub every: u64,
+    /// Held-out images of the online evaluation.
     pub samples: usize,
+    /// Comma-separated class sets of the online zero-shot and linear probes (synthetic-shape,
+    /// synthetic-color, synthetic-shape_color, imagenet, cifar10, folder = the class sub-folders of
+    /// data.eval_source; "" = off); in decoder fine-tuning they must not move (the encoder is frozen).
     pub classes: String,
-    /// Training images of the online linear probes (a labelled SPEC; "" = no probes).
+    /// Training images of the online linear probes on the CLS token and the mean 64-d latent, scored on
+    /// data.eval_source ("" = off); in decoder fine-tuning they probe the frozen encoder.
     #[serde(default)]
     pub probe_source: String,
-    /// How many of them.
+    /// Images of eval.probe_source the probes train on.
     #[serde(default)]
     pub probe_samples: usize,
+    /// Reconstruction grid PNG (inputs above reconstructions) every N steps, 0 = off.
     pub grid_every: u64,
+    /// Images in the reconstruction grid.
     pub grid_images: usize,
 }
 
 /// `[debug]`: fault injection for testing the failure handling.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct DebugConfig {
+    /// Fault injection for tests: make the loss NaN at these 0-based steps.
     pub nan_at_steps: Vec<u64>,
 }
 
 /// `[log]`: metrics and plots.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
+    /// Metrics (metrics.jsonl, TensorBoard) and plots every N steps.
     pub every: u64,
 }
 
 /// `[checkpoint]`: how often and how many.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
+    /// Checkpoint every N steps (and on SIGINT/SIGTERM and at the end).
     pub every: u64,
+    /// Checkpoints kept (the newest K).
     pub keep: usize,
+}
+
+/// A trainer's configuration whose every key is documented once, by the `///` comment on its field
+/// ([`DocumentedFields`]): a top-level key by the config's own field, `section.key` by the field of the
+/// section's struct, which [`Self::section_key_doc`] names. `--print-config` prints these docs.
+pub trait ConfigDocs: DocumentedFields {
+    /// The doc of `key` in `[section]`; `None` for a section or key the config does not have.
+    fn section_key_doc(section: &str, key: &str) -> Option<&'static str>;
+
+    /// The doc of a dotted key (`preset`, `train.seed`); `None` when it has none (or an empty one).
+    fn key_doc(path: &str) -> Option<&'static str> {
+        let doc = match path.split_once('.') {
+            Some((section, key)) => Self::section_key_doc(section, key),
+            None => field_doc::<Self>(path),
+        };
+        doc.filter(|d| !d.trim().is_empty())
+    }
+}
+
+/// The `///` doc of `T`'s field `name` (`None`: no such field).
+pub fn field_doc<T: DocumentedFields + ?Sized>(name: &str) -> Option<&'static str> {
+    T::get_field_docs(name).ok()
+}
+
+/// The docs of the sections every trainer shares, `[train]`, `[eval]` ([`EvalConfig`]), `[log]`,
+/// `[checkpoint]`, `[dist]` and `[debug]`: the fallback of each trainer's [`ConfigDocs::section_key_doc`].
+pub fn shared_key_doc(section: &str, key: &str) -> Option<&'static str> {
+    match section {
+        "train" => field_doc::<TrainConfig>(key),
+        "eval" => field_doc::<EvalConfig>(key),
+        "log" => field_doc::<LogConfig>(key),
+        "checkpoint" => field_doc::<CheckpointConfig>(key),
+        "dist" => field_doc::<DistConfig>(key),
+        "debug" => field_doc::<DebugConfig>(key),
+        _ => None,
+    }
 }
 
 /// A trainer's config as a layered value: the preset `preset_of(preset)`, then a TOML file over it
@@ -97,26 +156,30 @@ pub fn load_layered<T: Serialize + DeserializeOwned>(
 }
 
 /// A config as commented TOML (`--print-config`, the run's `config.toml`): `header`, the top-level
-/// scalars, then one `[section]` per table, every key preceded by `# doc(dotted.path)`.
-pub fn commented_toml<T: Serialize>(config: &T, header: &str, doc: impl Fn(&str) -> &'static str) -> Result<String> {
+/// scalars, then one `[section]` per table, every key preceded by `# ` and its doc on one line
+/// ([`ConfigDocs::key_doc`]); a key without a doc is an error naming it.
+pub fn commented_toml<T: Serialize + ConfigDocs>(config: &T, header: &str) -> Result<String> {
     let value = toml::Value::try_from(config)?;
     let table = value.as_table().context("the config is a table")?;
     let mut out = String::from(header);
     let (scalars, sections): (Vec<_>, Vec<_>) = table.iter().partition(|(_, v)| !v.is_table());
     for (key, v) in scalars {
-        write_key(&mut out, doc(key), key, v);
+        write_key::<T>(&mut out, key, key, v)?;
     }
     for (section, v) in sections {
         out.push_str(&format!("\n[{section}]\n"));
         for (key, v) in v.as_table().into_iter().flatten() {
-            write_key(&mut out, doc(&format!("{section}.{key}")), key, v);
+            write_key::<T>(&mut out, &format!("{section}.{key}"), key, v)?;
         }
     }
     Ok(out)
 }
 
-fn write_key(out: &mut String, doc: &str, key: &str, v: &toml::Value) {
-    out.push_str(&format!("# {doc}\n{key} = {v}\n"));
+/// `# doc` of the dotted `path`, then `key = value`.
+fn write_key<T: ConfigDocs>(out: &mut String, path: &str, key: &str, v: &toml::Value) -> Result<()> {
+    let doc = T::key_doc(path).with_context(|| format!("config key '{path}' has no doc"))?;
+    out.push_str(&format!("# {}\n{key} = {v}\n", one_line(doc)));
+    Ok(())
 }
 
 /// Deserialises a config value; errors name the full key path (e.g. `unknown config key 'train.stepz'`).
@@ -176,88 +239,3 @@ pub fn apply_override(value: &mut toml::Value, kv: &str) -> Result<()> {
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
-
-/// What each key means (`--print-config`); every key of the config has an entry (tested).
-pub fn key_doc(path: &str) -> &'static str {
-    KEY_DOCS.iter().find(|(k, _)| *k == path).map(|(_, d)| *d).unwrap_or_else(|| {
-        if path.starts_with("model.") {
-            "VTPConfig field of the tokenizer being trained (spec §2.1)"
-        } else {
-            "(undocumented)"
-        }
-    })
-}
-
-const KEY_DOCS: &[(&str, &str)] = &[
-    ("preset", "the preset these defaults come from: tiny (2-core CPU), small, base, large (released architectures)"),
-    ("objectives", "objectives trained: \"ae\", \"clip+ae\", \"ssl+ae\" or \"all\" (the paper's ablations, spec §4.8)"),
-    ("train.steps", "optimisation steps of the run"),
-    ("train.seed", "seed of every random draw (data order, augmentations, masks, subsets, drop-path, init)"),
-    ("train.deterministic", "deterministic mode: resume reproduces an uninterrupted run bit for bit"),
-    ("train.max_bad_steps", "stop after this many consecutive steps with a non-finite loss or gradient"),
-    ("train.precision", "forward passes: \"f32\" or \"bf16\" (autocast; weights, norms, losses, optimiser f32)"),
-    ("train.tf32", "let CUDA f32 matmuls and convolutions use TF32 tensor cores (no effect on the CPU)"),
-    ("data.source", "training data SPEC: synthetic[:split][?n=&res=&seed=&zoom=&colorless=&group=], shards {a..b}.tar, or a folder (README: Data)"),
-    ("data.eval_source", "held-out data SPEC of the online evaluation (zero-shot top-1, PSNR)"),
-    ("data.workers", "data reader threads"),
-    ("data.shuffle_buffer", "shuffle-buffer slots per reader (0 = stored order)"),
-    ("data.clip_size", "CLIP crop side: RandomResizedCrop(scale 0.9-1.0) [OpenCLIP]"),
-    ("data.global_size", "SSL global crop side (2 per image) [DINOv2: 224]"),
-    ("data.local_size", "SSL local crop side [DINOv2: 96]"),
-    ("data.n_local_crops", "SSL local crops per image [DINOv2: 8]"),
-    ("data.recon_size", "reconstruction crop side (random square crop)"),
-    ("batch.clip", "image-caption pairs per step; all go to CLIP (paper: 16k; final models 32k)"),
-    ("batch.ssl", "random subset of the batch for DINO/iBOT (paper: 4k)"),
-    ("batch.recon", "random subset of the batch for reconstruction (paper: 2k)"),
-    ("loss.lambda_rec", "weight of L_rec = L1 + LPIPS (paper: 0.1)"),
-    ("loss.lambda_ssl", "weight of L_ssl = DINO + iBOT + KoLeo (paper: 1)"),
-    ("loss.lambda_clip", "weight of the CLIP loss (paper: 1)"),
-    ("loss.dino_weight", "DINO CLS-token loss weight inside L_ssl [DINOv2: 1]"),
-    ("loss.ibot_weight", "iBOT masked-patch loss weight inside L_ssl [DINOv2: 1]"),
-    ("loss.koleo_weight", "KoLeo weight inside L_ssl, 0 = off [DINOv2: 0.1; the paper names no KoLeo, spec §4.4 conflict 7]"),
-    ("loss.lpips", "use LPIPS-VGG in L_rec (needs its weight files; without them no LPIPS term, said once and recorded)"),
-    ("loss.l2_weight", "weight of an MSE term in L_rec, 0 = off (not the paper's; on L1 alone a small tokenizer stalls at patch-mean colours: README \"Pre-training\")"),
-    ("loss.centering", "teacher targets: \"centering\" [DINOv2] or \"sinkhorn_knopp\" [DINOv3]"),
-    ("loss.student_temp", "student softmax temperature [DINOv2: 0.1]"),
-    ("loss.center_momentum", "EMA momentum of the DINO and iBOT centres [DINOv2: 0.9]"),
-    ("loss.clip_drop_path", "stochastic-depth rate of the student trunk in the CLIP forward"),
-    ("loss.ssl_drop_path", "stochastic-depth rate of the student trunk in the SSL forward (teacher: 0)"),
-    ("loss.rec_drop_path", "stochastic-depth rate of the trunk in the reconstruction forward"),
-    ("loss.merge_trunk_passes", "one student trunk pass over the CLIP, SSL and reconstruction images of the same size and drop-path rate (DINOv2's crop list; same mathematics, fewer launches); false = one pass per objective"),
-    ("dino_head.out_dim", "prototypes K of the DINO head [DINOv2: 65536]"),
-    ("dino_head.hidden_dim", "hidden width of the 3-layer MLP [DINOv2: 2048]"),
-    ("dino_head.bottleneck_dim", "width before L2-normalisation and the weight-normalised last layer [DINOv2: 256]"),
-    ("optim.beta1", "AdamW beta1 [DINOv2: 0.9]"),
-    ("optim.beta2", "AdamW beta2 [DINOv2: 0.999; OpenCLIP: 0.98]"),
-    ("optim.eps", "AdamW epsilon [DINOv2: 1e-8; OpenCLIP: 1e-6]"),
-    ("optim.clip_grad", "gradient-norm clipping threshold, 0 = off [DINOv2: 3.0]"),
-    ("optim.layer_decay", "layer-wise lr decay of the vision trunk, 1 = off [DINOv2: 0.9]"),
-    ("optim.patch_embed_lr_mult", "lr multiplier of the patch embedding [DINOv2: 0.2]"),
-    ("optim.fused", super::optim::FUSED_DOC),
-    ("schedule.lr", "peak learning rate after warm-up [DINOv2: 0.004 * sqrt(batch / 1024)]"),
-    ("schedule.min_lr", "final learning rate of the cosine decay [DINOv2: 1e-6]"),
-    ("schedule.warmup_steps", "linear lr warm-up from 0 [DINOv2: 10 epochs of 1250 steps]"),
-    ("schedule.weight_decay", "weight decay at the start (cosine schedule) [DINOv2: 0.04]"),
-    ("schedule.weight_decay_end", "weight decay at the end [DINOv2: 0.4]"),
-    ("schedule.momentum_teacher", "EMA momentum of the teacher at the start (cosine to the end value) [DINOv2: 0.992]"),
-    ("schedule.momentum_teacher_end", "EMA momentum of the teacher at the end [DINOv2: 1.0]"),
-    ("schedule.teacher_temp", "teacher temperature after warm-up [DINOv2: 0.07]"),
-    ("schedule.warmup_teacher_temp", "teacher temperature at the start of its warm-up [DINOv2: 0.04]"),
-    ("schedule.warmup_teacher_temp_steps", "steps of the linear teacher-temperature warm-up [DINOv2: 30 epochs]"),
-    ("schedule.freeze_last_layer_steps", "steps with the DINO head's last layer frozen (lr 0) [DINOv2: 1 epoch]"),
-    ("eval.every", "online evaluation (zero-shot top-1, PSNR on data.eval_source) every N steps, 0 = off"),
-    ("eval.samples", "held-out images of the online evaluation"),
-    ("eval.classes", "comma-separated class sets of the online zero-shot and linear probes (synthetic-shape, synthetic-color, synthetic-shape_color, imagenet, cifar10, folder = the class sub-folders of data.eval_source; \"\" = off)"),
-    ("eval.probe_source", "training images of the online linear probes on the CLS token and the mean 64-d latent, scored on data.eval_source (\"\" = off)"),
-    ("eval.probe_samples", "images of eval.probe_source the probes train on"),
-    ("eval.grid_every", "reconstruction grid PNG (inputs above reconstructions) every N steps, 0 = off"),
-    ("eval.grid_images", "images in the reconstruction grid"),
-    ("log.every", "metrics (metrics.jsonl, TensorBoard) and plots every N steps"),
-    ("checkpoint.every", "checkpoint every N steps (and on SIGINT/SIGTERM and at the end)"),
-    ("checkpoint.keep", "checkpoints kept (the newest K)"),
-    ("dist.timeout_s", "multi-process runs: seconds a collective may wait for the other ranks before the run fails (rank 0 evaluates meanwhile) [PyTorch: 1800]"),
-    ("dist.join_timeout_s", "multi-process runs: seconds to wait for every rank to join at the start"),
-    ("dist.bucket_mib", "multi-process runs: gradient all-reduce bucket size in MiB [DDP bucket_cap_mb: 25]"),
-    ("dist.overlap", "multi-process runs: all-reduce gradient buckets during the backward pass (DDP's Reducer)"),
-    ("debug.nan_at_steps", "fault injection for tests: make the loss NaN at these 0-based steps"),
-];

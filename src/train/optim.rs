@@ -93,9 +93,14 @@ pub fn dinov2_multipliers(
     (lr_mult, wd_mult, name.contains("last_layer"))
 }
 
-/// The doc of every trainer's `optim.fused` key.
-pub const FUSED_DOC: &str = "AdamW as ATen's fused kernel, one pass over each tensor [torch: AdamW(fused=True)]; \
-     false = PyTorch's single-tensor update op for op [AdamW(foreach=False)]; the same update, rounded differently";
+/// The doc of every trainer's `optim.fused` field (a macro: `#[doc = fused_doc!()]` takes no constant).
+macro_rules! fused_doc {
+    () => {
+        "AdamW as ATen's fused kernel, one pass over each tensor [torch: AdamW(fused=True)]; false = \
+         PyTorch's single-tensor update op for op [AdamW(foreach=False)]; the same update, rounded differently."
+    };
+}
+pub(crate) use fused_doc;
 
 /// The default of every trainer's `optim.fused`: the fused AdamW kernel.
 pub fn fused_by_default() -> bool {

@@ -74,14 +74,14 @@ fn linspace_at(start: f64, stop: f64, num: u64, i: u64) -> f64 {
 }
 
 /// `[schedule]`: the per-step schedules (DINOv2 defaults; its epochs are 1250 steps).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, documented::DocumentedFields)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScheduleConfig {
     /// Peak learning rate after warm-up [DINOv2: 0.004 * sqrt(batch / 1024)].
     pub lr: f64,
     /// Final learning rate of the cosine decay [DINOv2: 1e-6].
     pub min_lr: f64,
-    /// Steps of the linear lr warm-up from 0 [DINOv2: 10 epochs].
+    /// Steps of the linear lr warm-up from 0 [DINOv2: 10 epochs of 1250 steps].
     pub warmup_steps: u64,
     /// Weight decay at the start of its cosine schedule [DINOv2: 0.04].
     pub weight_decay: f64,
@@ -95,7 +95,7 @@ pub struct ScheduleConfig {
     pub teacher_temp: f64,
     /// Teacher temperature at the start of its linear warm-up [DINOv2: 0.04].
     pub warmup_teacher_temp: f64,
-    /// Steps of the teacher-temperature warm-up [DINOv2: 30 epochs].
+    /// Steps of the linear teacher-temperature warm-up [DINOv2: 30 epochs].
     pub warmup_teacher_temp_steps: u64,
     /// Steps with the DINO head's last layer frozen (lr 0) [DINOv2: 1 epoch].
     pub freeze_last_layer_steps: u64,

@@ -3,12 +3,14 @@
 //! [`crate::train::config`].
 use crate::dist::DistConfig;
 use crate::train::config::{
-    commented_toml, key_doc, load_layered, CheckpointConfig, DebugConfig, EvalConfig, LogConfig, TrainConfig,
+    commented_toml, field_doc, load_layered, shared_key_doc, CheckpointConfig, ConfigDocs, DebugConfig, EvalConfig,
+    LogConfig, TrainConfig,
 };
 use crate::train::optim::AdamWConfig;
 use crate::train::run::{RunConfig, RunOptions};
 use crate::train::schedule::CosineScheduler;
 use anyhow::{bail, Context, Result};
+use documented::DocumentedFields;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -16,78 +18,113 @@ use std::path::Path;
 pub const FINETUNE_PRESETS: [&str; 2] = ["tiny", "default"];
 
 /// `[data]`: training and held-out sources and the reconstruction crop.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneDataConfig {
+    /// Training data SPEC: synthetic[:split][?n=&res=&seed=&zoom=&colorless=&group=], shards {a..b}.tar,
+    /// or a folder (README: Data).
     pub source: String,
+    /// Held-out data SPEC of the online evaluation (PSNR, SSIM) and the reconstruction grid.
     pub eval_source: String,
+    /// Data reader threads.
     pub workers: usize,
+    /// Shuffle-buffer slots per reader (0 = stored order).
     pub shuffle_buffer: usize,
+    /// Crop side (random square crop, flipped); a multiple of the patch size.
     pub recon_size: i64,
 }
 
 /// `[batch]`: images per step.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneBatchConfig {
+    /// Images per step (both the decoder and the discriminator step).
     pub size: usize,
 }
 
 /// `[loss]`: `LPIPSWithDiscriminator`'s settings (spec §4.7).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct GanLossConfig {
+    /// Add LPIPS-VGG to L1 (needs its weight files; without them L1 alone, said once and recorded).
     pub lpips: bool,
+    /// Weight w_p of LPIPS in L_rec = L1 + w_p·LPIPS [LDM: 1].
     pub perceptual_weight: f64,
+    /// Factor on the adaptive weight of the generator's adversarial term [LDM: 0.5].
     pub disc_weight: f64,
+    /// 0-based step from which the adversarial term and the discriminator are trained [unknown for VTP].
     pub disc_start: u64,
+    /// Strided layers of the PatchGAN discriminator [LDM: 3].
     pub disc_layers: i64,
+    /// Base channels of the PatchGAN discriminator (doubled per layer, capped at 8x) [LDM: 64].
     pub disc_channels: i64,
 }
 
 /// `[optim]`: the two AdamWs (decoder and discriminator) and gradient clipping.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneOptimConfig {
+    /// AdamW beta1 of both optimisers [LDM: 0.5].
     pub beta1: f64,
+    /// AdamW beta2 of both optimisers [LDM: 0.9].
     pub beta2: f64,
+    /// AdamW epsilon of both optimisers [LDM: 1e-8].
     pub eps: f64,
+    /// Decoupled weight decay of both optimisers, not on biases and norms [LDM: 0].
     pub weight_decay: f64,
+    /// Gradient-norm clipping threshold of each network, 0 = off [LDM: off].
     pub clip_grad: f64,
+    /// Discriminator lr = this x the decoder's lr [LDM: 1].
     pub disc_lr_mult: f64,
-    /// AdamW as ATen's fused kernel (`torch.optim.AdamW(fused=True)`); false = PyTorch's single-tensor update.
+    #[doc = crate::train::optim::fused_doc!()]
     #[serde(default = "crate::train::optim::fused_by_default")]
     pub fused: bool,
 }
 
 /// `[schedule]`: the learning rate (linear warm-up from 0, then cosine to `min_lr`).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct LrScheduleConfig {
+    /// Decoder learning rate after warm-up [LDM: 1e-4 base, constant].
     pub lr: f64,
+    /// Final learning rate of the cosine decay (= lr: constant).
     pub min_lr: f64,
+    /// Linear lr warm-up from 0.
     pub warmup_steps: u64,
 }
 
 /// The whole stage-2 run (`vtp finetune-decoder`), one section per concern; `model` is the
 /// tokenizer being fine-tuned (`--model`).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneConfig {
+    /// The preset these defaults come from: tiny (2-core CPU, synthetic data) or default (LDM recipe, 256 px).
     pub preset: String,
+    /// The tokenizer to fine-tune (--model): a released-format folder or hf:ORG/NAME; only its pixel decoder
+    /// changes.
     pub model: String,
+    /// `[train]`: length, seed and failure handling.
     pub train: TrainConfig,
+    /// `[data]`: sources and the crop.
     pub data: FinetuneDataConfig,
+    /// `[batch]`: images per step.
     pub batch: FinetuneBatchConfig,
+    /// `[loss]`: L1 + LPIPS + the PatchGAN.
     pub loss: GanLossConfig,
+    /// `[optim]`: the two AdamWs and clipping.
     pub optim: FinetuneOptimConfig,
+    /// `[schedule]`: the learning rate.
     pub schedule: LrScheduleConfig,
+    /// `[eval]`: online evaluation and reconstruction grid.
     pub eval: EvalConfig,
+    /// `[log]`: metrics and plots.
     pub log: LogConfig,
+    /// `[checkpoint]`: how often and how many.
     pub checkpoint: CheckpointConfig,
     /// `[dist]`: the multi-process job's timeouts and gradient buckets.
     #[serde(default)]
     pub dist: crate::dist::DistConfig,
+    /// `[debug]`: fault injection.
     #[serde(default)]
     pub debug: DebugConfig,
 }
@@ -207,7 +244,7 @@ impl FinetuneConfig {
 
     /// The config as commented TOML: every key preceded by what it means (`--print-config`).
     pub fn to_commented_toml(&self) -> Result<String> {
-        commented_toml(self, FINETUNE_HEADER, finetune_key_doc)
+        commented_toml(self, FINETUNE_HEADER)
     }
 }
 
@@ -242,48 +279,18 @@ impl FinetuneOptimConfig {
 /// The first lines of `vtp finetune-decoder --print-config`.
 const FINETUNE_HEADER: &str = "# vtp finetune-decoder configuration (spec §4.7): the encoder and bottleneck are frozen, the pixel\n# decoder is trained with L1 + LPIPS + a PatchGAN (LDM `LPIPSWithDiscriminator`).\n";
 
-/// What each key of [`FinetuneConfig`] means; keys shared with `vtp pretrain` fall back to its table.
-pub fn finetune_key_doc(path: &str) -> &'static str {
-    FINETUNE_KEY_DOCS.iter().find(|(k, _)| *k == path).map_or_else(|| key_doc(path), |(_, d)| *d)
+impl ConfigDocs for FinetuneConfig {
+    fn section_key_doc(section: &str, key: &str) -> Option<&'static str> {
+        match section {
+            "data" => field_doc::<FinetuneDataConfig>(key),
+            "batch" => field_doc::<FinetuneBatchConfig>(key),
+            "loss" => field_doc::<GanLossConfig>(key),
+            "optim" => field_doc::<FinetuneOptimConfig>(key),
+            "schedule" => field_doc::<LrScheduleConfig>(key),
+            _ => shared_key_doc(section, key),
+        }
+    }
 }
-
-const FINETUNE_KEY_DOCS: &[(&str, &str)] = &[
-    (
-        "preset",
-        "the preset these defaults come from: tiny (2-core CPU, synthetic data) or default (LDM recipe, 256 px)",
-    ),
-    (
-        "model",
-        "the tokenizer to fine-tune (--model): a released-format folder or hf:ORG/NAME; only its pixel decoder changes",
-    ),
-    ("train.seed", "seed of every random draw (data order, crops, discriminator init)"),
-    ("data.eval_source", "held-out data SPEC of the online evaluation (PSNR, SSIM) and the reconstruction grid"),
-    ("data.recon_size", "crop side (random square crop, flipped); a multiple of the patch size"),
-    ("batch.size", "images per step (both the decoder and the discriminator step)"),
-    ("loss.lpips", "add LPIPS-VGG to L1 (needs its weight files; without them L1 alone, said once and recorded)"),
-    ("loss.perceptual_weight", "weight w_p of LPIPS in L_rec = L1 + w_p·LPIPS [LDM: 1]"),
-    ("loss.disc_weight", "factor on the adaptive weight of the generator's adversarial term [LDM: 0.5]"),
-    (
-        "loss.disc_start",
-        "0-based step from which the adversarial term and the discriminator are trained [unknown for VTP]",
-    ),
-    ("loss.disc_layers", "strided layers of the PatchGAN discriminator [LDM: 3]"),
-    ("loss.disc_channels", "base channels of the PatchGAN discriminator (doubled per layer, capped at 8x) [LDM: 64]"),
-    ("optim.beta1", "AdamW beta1 of both optimisers [LDM: 0.5]"),
-    ("optim.beta2", "AdamW beta2 of both optimisers [LDM: 0.9]"),
-    ("optim.eps", "AdamW epsilon of both optimisers [LDM: 1e-8]"),
-    ("optim.fused", crate::train::optim::FUSED_DOC),
-    ("optim.weight_decay", "decoupled weight decay of both optimisers, not on biases and norms [LDM: 0]"),
-    ("optim.clip_grad", "gradient-norm clipping threshold of each network, 0 = off [LDM: off]"),
-    ("optim.disc_lr_mult", "discriminator lr = this x the decoder's lr [LDM: 1]"),
-    ("schedule.lr", "decoder learning rate after warm-up [LDM: 1e-4 base, constant]"),
-    ("schedule.min_lr", "final learning rate of the cosine decay (= lr: constant)"),
-    ("schedule.warmup_steps", "linear lr warm-up from 0"),
-    ("eval.every", "online evaluation (PSNR, SSIM on data.eval_source) every N steps, 0 = off"),
-    ("eval.classes", "zero-shot class set also evaluated (it must not move: the encoder is frozen); \"\" = off"),
-    ("eval.probe_source", "training images of online linear probes of the frozen encoder (\"\" = off)"),
-    ("eval.probe_samples", "images of eval.probe_source the probes train on"),
-];
 
 impl RunConfig for FinetuneConfig {
     fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self> {

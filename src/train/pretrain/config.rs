@@ -8,12 +8,14 @@ use super::objectives::dino::TeacherCentering;
 use crate::config::VtpConfig;
 use crate::dist::DistConfig;
 use crate::train::config::{
-    commented_toml, key_doc, load_layered, CheckpointConfig, DebugConfig, EvalConfig, LogConfig, TrainConfig,
+    commented_toml, field_doc, load_layered, shared_key_doc, CheckpointConfig, ConfigDocs, DebugConfig, EvalConfig,
+    LogConfig, TrainConfig,
 };
 use crate::train::optim::AdamWConfig;
 use crate::train::run::RunConfig;
 use crate::train::schedule::ScheduleConfig;
 use anyhow::{bail, Context, Result};
+use documented::DocumentedFields;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -47,52 +49,80 @@ impl Objectives {
 }
 
 /// `[data]`: where samples come from and the crop sizes of each branch (spec §4.2).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
+    /// Training data SPEC: synthetic[:split][?n=&res=&seed=&zoom=&colorless=&group=], shards {a..b}.tar,
+    /// or a folder (README: Data).
     pub source: String,
+    /// Held-out data SPEC of the online evaluation (zero-shot top-1, PSNR).
     pub eval_source: String,
+    /// Data reader threads.
     pub workers: usize,
+    /// Shuffle-buffer slots per reader (0 = stored order).
     pub shuffle_buffer: usize,
+    /// CLIP crop side: RandomResizedCrop(scale 0.9-1.0) [OpenCLIP].
     pub clip_size: i64,
+    /// SSL global crop side (2 per image) [DINOv2: 224].
     pub global_size: i64,
+    /// SSL local crop side [DINOv2: 96].
     pub local_size: i64,
+    /// SSL local crops per image [DINOv2: 8].
     pub n_local_crops: usize,
+    /// Reconstruction crop side (random square crop).
     pub recon_size: i64,
 }
 
 /// `[batch]`: images per step of each branch (spec §4.2: all `clip` pairs go to CLIP; `ssl` and
 /// `recon` are independent random subsets of them).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
+    /// Image-caption pairs per step; all go to CLIP (paper: 16k; final models 32k).
     pub clip: usize,
+    /// Random subset of the batch for DINO/iBOT (paper: 4k).
     pub ssl: usize,
+    /// Random subset of the batch for reconstruction (paper: 2k).
     pub recon: usize,
 }
 
 /// `[loss]`: weights and settings of the objectives (spec §4.1, §4.4, §4.6).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct LossConfig {
+    /// Weight of L_rec = L1 + LPIPS (paper: 0.1).
     pub lambda_rec: f64,
+    /// Weight of L_ssl = DINO + iBOT + KoLeo (paper: 1).
     pub lambda_ssl: f64,
+    /// Weight of the CLIP loss (paper: 1).
     pub lambda_clip: f64,
+    /// DINO CLS-token loss weight inside L_ssl [DINOv2: 1].
     pub dino_weight: f64,
+    /// iBOT masked-patch loss weight inside L_ssl [DINOv2: 1].
     pub ibot_weight: f64,
+    /// KoLeo weight inside L_ssl, 0 = off [DINOv2: 0.1; the paper names no KoLeo, spec §4.4 conflict 7].
     pub koleo_weight: f64,
+    /// Use LPIPS-VGG in L_rec (needs its weight files; without them no LPIPS term, said once and recorded).
     pub lpips: bool,
-    /// Weight of the mean squared error added to `L_rec` (vtp-rs's, not the paper's: 0 in its presets).
+    /// Weight of an MSE term in L_rec, 0 = off (vtp-rs's, not the paper's: 0 in its released presets; on L1
+    /// alone a small tokenizer stalls at patch-mean colours: README "Pre-training").
     #[serde(default)]
     pub l2_weight: f64,
+    /// Teacher targets: "centering" [DINOv2] or "sinkhorn_knopp" [DINOv3].
     pub centering: TeacherCentering,
+    /// Student softmax temperature [DINOv2: 0.1].
     pub student_temp: f64,
+    /// EMA momentum of the DINO and iBOT centres [DINOv2: 0.9].
     pub center_momentum: f64,
+    /// Stochastic-depth rate of the student trunk in the CLIP forward.
     pub clip_drop_path: f64,
+    /// Stochastic-depth rate of the student trunk in the SSL forward (teacher: 0).
     pub ssl_drop_path: f64,
+    /// Stochastic-depth rate of the trunk in the reconstruction forward.
     pub rec_drop_path: f64,
-    /// One student trunk pass over the requests of the same image size and drop-path rate
-    /// (`train::passes`); false: one pass per objective.
+    /// One student trunk pass over the CLIP, SSL and reconstruction images of the same size and drop-path
+    /// rate (DINOv2's crop list, `train::passes`; same mathematics, fewer launches); false = one pass per
+    /// objective.
     #[serde(default = "merge_by_default")]
     pub merge_trunk_passes: bool,
 }
@@ -103,50 +133,73 @@ fn merge_by_default() -> bool {
 }
 
 /// `[dino_head]`: the DINO head shared by DINO and iBOT (spec §4.4).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct DinoHeadConfig {
+    /// Prototypes K of the DINO head [DINOv2: 65536].
     pub out_dim: i64,
+    /// Hidden width of the 3-layer MLP [DINOv2: 2048].
     pub hidden_dim: i64,
+    /// Width before L2-normalisation and the weight-normalised last layer [DINOv2: 256].
     pub bottleneck_dim: i64,
 }
 
 /// `[optim]`: AdamW, its parameter groups and gradient clipping (spec §4.5).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct OptimConfig {
+    /// AdamW beta1 [DINOv2: 0.9].
     pub beta1: f64,
+    /// AdamW beta2 [DINOv2: 0.999; OpenCLIP: 0.98].
     pub beta2: f64,
+    /// AdamW epsilon [DINOv2: 1e-8; OpenCLIP: 1e-6].
     pub eps: f64,
+    /// Gradient-norm clipping threshold, 0 = off [DINOv2: 3.0].
     pub clip_grad: f64,
+    /// Layer-wise lr decay of the vision trunk, 1 = off [DINOv2: 0.9].
     pub layer_decay: f64,
+    /// Lr multiplier of the patch embedding [DINOv2: 0.2].
     pub patch_embed_lr_mult: f64,
-    /// AdamW as ATen's fused kernel (`torch.optim.AdamW(fused=True)`); false = PyTorch's single-tensor update.
+    #[doc = crate::train::optim::fused_doc!()]
     #[serde(default = "crate::train::optim::fused_by_default")]
     pub fused: bool,
 }
 
 /// The whole run (`vtp pretrain`), one section per concern.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct PretrainConfig {
+    /// The preset these defaults come from: tiny (2-core CPU), small, base, large (released architectures).
     pub preset: String,
+    /// Objectives trained: "ae", "clip+ae", "ssl+ae" or "all" (the paper's ablations, spec §4.8).
     pub objectives: Objectives,
+    /// `[train]`: length, seed and failure handling.
     pub train: TrainConfig,
+    /// `[data]`: sources and crop sizes.
     pub data: DataConfig,
+    /// `[batch]`: images per step of each branch.
     pub batch: BatchConfig,
+    /// `[loss]`: weights and settings of the objectives.
     pub loss: LossConfig,
+    /// `[dino_head]`: the DINO head's sizes.
     pub dino_head: DinoHeadConfig,
+    /// `[optim]`: AdamW, parameter groups, clipping.
     pub optim: OptimConfig,
+    /// `[schedule]`: the per-step schedules.
     pub schedule: ScheduleConfig,
+    /// `[eval]`: online evaluation and reconstruction grid.
     pub eval: EvalConfig,
+    /// `[log]`: metrics and plots.
     pub log: LogConfig,
+    /// `[checkpoint]`: how often and how many.
     pub checkpoint: CheckpointConfig,
     /// `[dist]`: the multi-process job's timeouts and gradient buckets.
     #[serde(default)]
     pub dist: crate::dist::DistConfig,
+    /// `[debug]`: fault injection.
     #[serde(default)]
     pub debug: DebugConfig,
+    /// `[model]`: the `VTPConfig` of the tokenizer being trained (spec §2.1).
     pub model: VtpConfig,
 }
 
@@ -347,7 +400,23 @@ impl PretrainConfig {
             "tiny" => format!("{PRETRAIN_HEADER}{TINY_CHOICES}"),
             _ => PRETRAIN_HEADER.to_string(),
         };
-        commented_toml(self, &header, key_doc)
+        commented_toml(self, &header)
+    }
+}
+
+impl ConfigDocs for PretrainConfig {
+    fn section_key_doc(section: &str, key: &str) -> Option<&'static str> {
+        match section {
+            "data" => field_doc::<DataConfig>(key),
+            "batch" => field_doc::<BatchConfig>(key),
+            "loss" => field_doc::<LossConfig>(key),
+            "dino_head" => field_doc::<DinoHeadConfig>(key),
+            "optim" => field_doc::<OptimConfig>(key),
+            "schedule" => field_doc::<ScheduleConfig>(key),
+            "model" if MODEL_METADATA_KEYS.contains(&key) => field_doc::<VtpConfig>("extra"),
+            "model" => field_doc::<VtpConfig>(key),
+            _ => shared_key_doc(section, key),
+        }
     }
 }
 

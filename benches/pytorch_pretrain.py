@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Plain-PyTorch VTP pre-training step (spec §4), the reference of `vtp`'s `Pretrainer::step`.
+"""Plain-PyTorch VTP pre-training step (docs/design.md §4), the reference of `vtp`'s `Pretrainer::step`.
 
 One `all`-objectives step, written from the spec and the libraries it names, on the model of
 ../shared/bench/pytorch_vtp.py (its trunk has no iBOT masks, so the masked forward is rebuilt here

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark (not a test): samples/s of the DINOv2 multi-crop pipeline (2 global 224 + 8 local 96
-# crops, spec §4.2, the `small` preset's sizes) in vtp-rs next to torchvision (DataLoader with the
+# crops, docs/design.md §4.2, the `small` preset's sizes) in vtp-rs next to torchvision (DataLoader with the
 # same number of workers) in the same run, and the `small` training step's images/s (PyTorch,
 # ../shared/bench/pytorch_vtp.py) that the data path must outpace by 2x.
 set -euo pipefail

@@ -10,7 +10,7 @@ if ! "$VTP_VENV/bin/python" -c "import sys, torch; sys.exit(torch.__version__.sp
   "$VTP_VENV/bin/pip" install -q --disable-pip-version-check "torch==$VTP_TORCH_VERSION" numpy safetensors
 fi
 # The c10d shim (src/dist/shim.cpp) includes ProcessGroupGloo.hpp, which needs the Gloo headers: the
-# wheel lacks them, Debian's libgloo-dev has them (../shared/spec/distributed-notes.md).
+# wheel lacks them, Debian's libgloo-dev has them (docs/design.md §10).
 if [ ! -f /usr/include/gloo/config.h ]; then
   echo "installing libgloo-dev (the Gloo headers for the c10d shim)" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

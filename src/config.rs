@@ -1,11 +1,11 @@
-//! `VTPConfig` (spec §2.1): every field of the released `config.json`, with the official defaults,
+//! `VTPConfig` (docs/design.md §2.1): every field of the released `config.json`, with the official defaults,
 //! the named presets of the released checkpoints (§2.2) and validation.
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
 
-/// Feed-forward kind (`*_ffn_layer`, spec §1.3): GELU MLP or SwiGLU with a hidden-width alignment.
+/// Feed-forward kind (`*_ffn_layer`, docs/design.md §1.3): GELU MLP or SwiGLU with a hidden-width alignment.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FfnLayer {
     /// `fc2(GELU(fc1 x))`, hidden `int(D·ratio)`.
@@ -25,7 +25,7 @@ pub enum FfnLayer {
     SwiGlu128,
 }
 
-/// Normalisation kind (`*_norm_layer`, spec §1.3 / §9.12).
+/// Normalisation kind (`*_norm_layer`, docs/design.md §1.3 / §9.12).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NormLayer {
     /// RMSNorm, eps 1e-5, weight only.
@@ -39,7 +39,7 @@ pub enum NormLayer {
     LayerNormBf16,
 }
 
-/// Which token feeds the CLIP image projection (`vision_clip_feat`, spec §9.9).
+/// Which token feeds the CLIP image projection (`vision_clip_feat`, docs/design.md §9.9).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClipFeat {
     /// The final-norm CLS token.
@@ -50,7 +50,7 @@ pub enum ClipFeat {
     Pooled,
 }
 
-/// Text pooling (`text_pool_type`, spec §9.7).
+/// Text pooling (`text_pool_type`, docs/design.md §9.7).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TextPool {
     /// The position of the first maximum token id (the EOT token).
@@ -78,7 +78,7 @@ pub enum TextProj {
     None,
 }
 
-/// The released `VTPConfig` (spec §2.1), each field documented with its official default in brackets.
+/// The released `VTPConfig` (docs/design.md §2.1), each field documented with its official default in brackets.
 /// Unknown keys of a `config.json` are kept in `extra` and written back unchanged, so a round trip
 /// preserves `architectures`, `model_type`, `dtype`, ….
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, documented::DocumentedFields)]
@@ -172,7 +172,7 @@ pub struct VtpConfig {
 }
 
 impl Default for VtpConfig {
-    /// The `VTPConfig` defaults of spec §2.1.
+    /// The `VTPConfig` defaults of docs/design.md §2.1.
     fn default() -> Self {
         Self {
             image_size: 256,
@@ -250,7 +250,7 @@ impl StackConfig {
 }
 
 impl VtpConfig {
-    /// A released checkpoint's configuration (spec §2.2): `small` = VTP-S, `base` = VTP-B, `large` = VTP-L.
+    /// A released checkpoint's configuration (docs/design.md §2.2): `small` = VTP-S, `base` = VTP-B, `large` = VTP-L.
     pub fn preset(name: &str) -> Result<Self> {
         let (dim, depth, heads) = match name {
             "small" => (384, 12, 6),
@@ -293,7 +293,7 @@ impl VtpConfig {
         crate::io::write_atomic(path, text.as_bytes())
     }
 
-    /// The vision encoder stack (spec §1.1).
+    /// The vision encoder stack (docs/design.md §1.1).
     pub fn vision(&self) -> StackConfig {
         StackConfig {
             embed_dim: self.vision_embed_dim,
@@ -307,7 +307,7 @@ impl VtpConfig {
         }
     }
 
-    /// The pixel decoder stack (spec §1.4; its FFN ratio is hard-wired to 4).
+    /// The pixel decoder stack (docs/design.md §1.4; its FFN ratio is hard-wired to 4).
     pub fn decoder(&self) -> StackConfig {
         StackConfig {
             embed_dim: self.decoder_embed_dim,
@@ -326,7 +326,7 @@ impl VtpConfig {
         self.vision_feature_bottleneck != self.vision_embed_dim
     }
 
-    /// Width of the features CLIP and SSL see (spec §9.9).
+    /// Width of the features CLIP and SSL see (docs/design.md §9.9).
     pub fn clip_input_dim(&self) -> i64 {
         if self.vision_bottleneck_ae_only {
             self.vision_embed_dim

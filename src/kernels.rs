@@ -2,7 +2,7 @@
 //!
 //! float32 results depend on the kernels: on an AVX-512 CPU, oneDNN's matmul and ATen's vectorised
 //! kernels round differently from AVX2 (~1e-7 relative), and the official model's bf16 RoPE rotation
-//! (spec §1, §9) amplifies those ulps to ~1e-4 in decoded images. The fixtures and most reference dumps
+//! (docs/design.md §1, §9) amplifies those ulps to ~1e-4 in decoded images. The fixtures and most reference dumps
 //! come from AVX2 machines; with both variables of [`AVX2_PIN`] set before libtorch starts, any x86-64
 //! CPU computes exactly what an AVX2 CPU computes (error 0 on every fixture). libtorch reads them once,
 //! at start, so pinning a running process means re-executing it with them set ([`Kernels::apply`]).

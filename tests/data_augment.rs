@@ -1,4 +1,4 @@
-//! Per-branch augmentations (spec §4.2) and iBOT block masking + collation (spec §4.3,
+//! Per-branch augmentations (docs/design.md §4.2) and iBOT block masking + collation (docs/design.md §4.3,
 //! `../shared/fixtures/LOSSES.md` §6): the masking invariants over many seeds, the collation of the
 //! fixture's masks, and the shapes, ranges, parameter ranges and exact values of the augmentations.
 mod common;

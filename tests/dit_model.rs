@@ -1,4 +1,4 @@
-//! LightningDiT (`vtp::dit::model`, spec §8): parity with the official model's golden fixtures
+//! LightningDiT (`vtp::dit::model`, docs/design.md §8): parity with the official model's golden fixtures
 //! (`lightningdit-tiny/` and its `alt/` branch model, LOSSES.md §8), CFG semantics, init, presets, and
 //! the official checkpoint layout both ways with `../shared/bench/pytorch_dit.py` (through
 //! `tests/dit_dump.py`) on this machine's kernels. Relative L2 bound 1e-5 on native kernels (the
@@ -357,7 +357,7 @@ fn presets_match_pytorch_dit_and_the_spec_counts() {
         let m = LightningDit::new(DitConfig::preset(name).unwrap(), Device::Cpu).unwrap();
         assert_eq!(m.num_parameters(), want, "{name}");
     }
-    // Spec §8.1: B/1 = 130.61 M counting pos_embed (an nn.Parameter in the official code).
+    // docs/design.md §8.1: B/1 = 130.61 M counting pos_embed (an nn.Parameter in the official code).
     let b = LightningDit::new(DitConfig::preset("B/1").unwrap(), Device::Cpu).unwrap();
     let with_pos = b.num_parameters() + 256 * 768;
     println!("B/1: {} trainable, {with_pos} with pos_embed", b.num_parameters());

@@ -1,4 +1,4 @@
-//! The flow-matching ODE sampler (spec §5.4 "Sampler"): the shifted time grid, Euler and Heun on fields with
+//! The flow-matching ODE sampler (docs/design.md §5.4 "Sampler"): the shifted time grid, Euler and Heun on fields with
 //! known solutions (constant, linear-in-x, affine-in-t), their convergence orders, and bit-identical parity
 //! of the grid and of Euler with the bench `sample_euler` (shared/bench/pytorch_dit.py, project venv) on a
 //! toy velocity closure.

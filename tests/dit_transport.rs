@@ -1,4 +1,4 @@
-//! The flow-matching transport (spec §5.4, LOSSES.md §8) against `lightningdit-tiny/transport.safetensors`
+//! The flow-matching transport (docs/design.md §5.4, LOSSES.md §8) against `lightningdit-tiny/transport.safetensors`
 //! (LightningDiT `transport.training_losses` with the VTP settings, `t` and `x0` fixed): the linear path
 //! `x_t`, `u_t` and every loss term; plus the training-time samplers' statistics and their config form.
 //! `x_t`, `u_t` and the cosine term are bit-identical; the MSE reductions differ from the fixture by ~1 ulp

@@ -1,4 +1,4 @@
-//! Understanding evaluations (spec §5.1, §5.2): class names and templates, zero-shot classification,
+//! Understanding evaluations (docs/design.md §5.1, §5.2): class names and templates, zero-shot classification,
 //! linear probing (feature protocols, cache, trainer), on a tiny random model and synthetic data.
 mod common;
 use std::cell::Cell;

@@ -1,4 +1,4 @@
-//! Reconstruction metrics: rFID does not depend on the batch size (spec §5.3, issue acceptance: batch
+//! Reconstruction metrics: rFID does not depend on the batch size (docs/design.md §5.3, issue acceptance: batch
 //! sizes 1, 7 and 32 agree to 1e-6), and the 8-bit quantisation and de-normalisation rules.
 mod common;
 use tch::{Device, Kind, Tensor};

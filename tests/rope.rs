@@ -1,5 +1,5 @@
 //! RoPE tables and rotation bit-identical to the official bf16 module (`rope-bf16.safetensors`,
-//! fixtures README §3; spec §1.2).
+//! fixtures README §3; docs/design.md §1.2).
 mod common;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};

@@ -1,5 +1,5 @@
 //! CLIP text tokenizer against the reference fixture `clip-tokenizer.json` (fixtures README §4)
-//! and the test vectors of spec §3 / §9.1-§9.2.
+//! and the test vectors of docs/design.md §3 / §9.1-§9.2.
 
 use std::path::PathBuf;
 
@@ -45,7 +45,7 @@ fn case_ids(case: &Value) -> Vec<Vec<i64>> {
         .collect()
 }
 
-/// `[SOT] + ids + [EOT]`, zero-padded to 77 (a spec §3 table row).
+/// `[SOT] + ids + [EOT]`, zero-padded to 77 (a docs/design.md §3 table row).
 fn padded(ids: &[i64]) -> Vec<i64> {
     let mut row = vec![SOT_TOKEN];
     row.extend_from_slice(ids);
@@ -106,14 +106,14 @@ fn spec_section_3_test_vectors() {
 
 #[test]
 fn special_literals_map_to_special_ids() {
-    // spec §9.1: the literals are not split by BPE, whatever their capitalisation.
+    // docs/design.md §9.1: the literals are not split by BPE, whatever their capitalisation.
     let tokenizer = ClipTokenizer::new();
     assert_eq!(tokenizer.encode("cafÃ© <start_of_text> <END_OF_TEXT>"), vec![15304, SOT_TOKEN, EOT_TOKEN]);
 }
 
 #[test]
 fn ignorecase_quirks_of_the_split_regex() {
-    // Python's IGNORECASE split regex (spec §3): `'ſ` is a contraction, `<ſtart_of_text>` matches
+    // Python's IGNORECASE split regex (docs/design.md §3): `'ſ` is a contraction, `<ſtart_of_text>` matches
     // the literal alternative but is not the special token, and U+0345 matches no alternative.
     let tokenizer = ClipTokenizer::new();
     assert_eq!(
@@ -138,7 +138,7 @@ fn clones_share_one_vocabulary_across_threads() {
 
 #[test]
 fn custom_context_lengths() {
-    // spec §9.2: rows are exactly L long and a truncated row still ends with EOT.
+    // docs/design.md §9.2: rows are exactly L long and a truncated row still ends with EOT.
     let tokenizer = ClipTokenizer::new();
     let text = "a photo of a small red car parked on the street";
     assert_eq!(tokenizer.tokenize(&[text], 8), vec![vec![SOT_TOKEN, 320, 1125, 539, 320, 2442, 736, EOT_TOKEN]]);

@@ -1,4 +1,4 @@
-//! `vtp finetune-decoder` end to end (stage 2, spec §4.7) on a tiny random tokenizer and the built-in
+//! `vtp finetune-decoder` end to end (stage 2, docs/design.md §4.7) on a tiny random tokenizer and the built-in
 //! synthetic data: the decoder learns and the adversarial terms are logged from `disc_start` on, a
 //! non-finite step is skipped, the latents stay bit-identical, resume is bit-identical, and bad input
 //! is a one-line error.

@@ -1,4 +1,4 @@
-//! The optimiser and schedules (spec §4.5) against PyTorch and numpy in the same run: AdamW (fused and
+//! The optimiser and schedules (docs/design.md §4.5) against PyTorch and numpy in the same run: AdamW (fused and
 //! single-tensor) + `clip_grad_norm` + scheduled lr / weight decay against
 //! `torch.optim.AdamW(fused=True)` and `torch.optim.AdamW(foreach=False)` +
 //! `torch.nn.utils.clip_grad_norm_` (project venv, torch 2.13), DINOv2's `CosineScheduler` against its numpy

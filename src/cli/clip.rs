@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use tch::{Device, Kind};
 
-/// The fixed logit scale of VTP's zero-shot tool (spec §5.1, §7.19), not `exp(logit_scale)`.
+/// The fixed logit scale of VTP's zero-shot tool (docs/design.md §5.1, §7.19), not `exp(logit_scale)`.
 pub const ZERO_SHOT_LOGIT_SCALE: f64 = 100.0;
 
 /// Arguments of `vtp zero-shot`.

@@ -83,7 +83,7 @@ pub struct DataBenchArgs {
     /// Source image side.
     #[arg(long, default_value_t = 256)]
     size: u32,
-    /// Global crop side (the `small` preset trains at 224, spec §4.2).
+    /// Global crop side (the `small` preset trains at 224, docs/design.md §4.2).
     #[arg(long, default_value_t = 224)]
     global_size: i64,
     /// Local crop side.

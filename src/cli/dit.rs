@@ -1,4 +1,4 @@
-//! `vtp dit extract | train | sample | reference | fid`: LightningDiT on VTP latents (spec §5.4, §8) —
+//! `vtp dit extract | train | sample | reference | fid`: LightningDiT on VTP latents (docs/design.md §5.4, §8) —
 //! the latent cache, flow-matching training on the shared run machinery, sampling to PNGs, and
 //! FID / sample class accuracy against a reference set.
 use super::fid::InceptionArgs;

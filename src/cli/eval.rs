@@ -46,14 +46,14 @@ pub struct EvalArgs {
     /// Linear-probe epochs.
     #[arg(long, default_value_t = 10)]
     epochs: usize,
-    /// Linear-probe crop side (spec §5.2: 224, after a resize to 256; another crop resizes to
+    /// Linear-probe crop side (docs/design.md §5.2: 224, after a resize to 256; another crop resizes to
     /// `crop·256/224`, e.g. 64 for models trained at 64²).
     #[arg(long, default_value_t = PROBE_CROP)]
     probe_crop: u32,
     /// At most this many images per data set.
     #[arg(long, default_value_t = 1000)]
     limit: usize,
-    /// Image side of the zero-shot and reconstruction protocols (spec §5.1, §5.3: 256; use the
+    /// Image side of the zero-shot and reconstruction protocols (docs/design.md §5.1, §5.3: 256; use the
     /// training resolution for models trained smaller, e.g. 64 for `vtp pretrain --preset tiny`).
     #[arg(long, default_value_t = 256)]
     size: u32,
@@ -112,7 +112,7 @@ fn class_sets(a: &EvalArgs, tasks: &[&str]) -> Result<(Option<ResolvedClassSet>,
     Ok((Some(classes), train))
 }
 
-/// The linear probes of every --protocols feature protocol (spec §5.2), trained on --train-data
+/// The linear probes of every --protocols feature protocol (docs/design.md §5.2), trained on --train-data
 /// (`train_classes`) and evaluated on --data (`classes`), with a progress bar per feature extraction.
 fn linear_probe(
     model: &VtpModel,

@@ -27,7 +27,7 @@ impl InceptionArgs {
         self.inception.clone().or_else(inception::find_default_weights)
     }
 
-    /// Loads the network with pytorch-fid's preprocessing (VTP's rFID protocol, spec §5.3, whichever
+    /// Loads the network with pytorch-fid's preprocessing (VTP's rFID protocol, docs/design.md §5.3, whichever
     /// file the weights come from); an error that says how to get the weights when none are found.
     pub fn load(&self, device: Device) -> Result<FidInception> {
         match self.path() {

@@ -1,4 +1,4 @@
-//! `vtp finetune-decoder`: stage 2 of VTP (spec §4.7), the pixel decoder of a trained tokenizer
+//! `vtp finetune-decoder`: stage 2 of VTP (docs/design.md §4.7), the pixel decoder of a trained tokenizer
 //! fine-tuned with L1 + LPIPS + a PatchGAN while the encoder (hence the latents) stays frozen, on the
 //! shared run machinery of `vtp pretrain` ([`crate::train::run`]).
 use super::train::{print_summary, recon_loss, RunArgs};

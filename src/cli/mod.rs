@@ -69,13 +69,13 @@ enum Command {
     Fid(fid::FidArgs),
     /// Convert PyTorch weight files (FID Inception, LPIPS-VGG) to safetensors.
     Convert(fid::ConvertArgs),
-    /// Pre-train a VTP tokenizer from scratch: CLIP + DINO/iBOT/KoLeo + L1/LPIPS reconstruction (spec §4);
+    /// Pre-train a VTP tokenizer from scratch: CLIP + DINO/iBOT/KoLeo + L1/LPIPS reconstruction (docs/design.md §4);
     /// `--preset tiny` runs on a laptop CPU in minutes on the built-in synthetic data.
     Pretrain(train::PretrainArgs),
     /// Stage 2: fine-tune a tokenizer's pixel decoder with L1 + LPIPS + a PatchGAN, encoder frozen
-    /// (spec §4.7); exports the whole tokenizer, whose latents are unchanged.
+    /// (docs/design.md §4.7); exports the whole tokenizer, whose latents are unchanged.
     FinetuneDecoder(finetune::FinetuneArgs),
-    /// Generation with LightningDiT on VTP latents (spec §5.4, §8): extract a latent cache, train by
+    /// Generation with LightningDiT on VTP latents (docs/design.md §5.4, §8): extract a latent cache, train by
     /// flow matching, sample, and score FID / sample class accuracy.
     Dit {
         #[command(subcommand)]

@@ -1,4 +1,4 @@
-//! `vtp pretrain`: stage 1 of VTP (spec §4), CLIP + SSL + reconstruction from scratch, on the shared
+//! `vtp pretrain`: stage 1 of VTP (docs/design.md §4), CLIP + SSL + reconstruction from scratch, on the shared
 //! run machinery (config + overrides, progress bar, metrics, plots, checkpoints, resume).
 use crate::dist::DataParallel;
 use crate::train::pretrain::config::{PretrainConfig, PRETRAIN_PRESETS};

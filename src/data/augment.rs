@@ -1,4 +1,4 @@
-//! Per-branch augmentations on tensors (spec §4.2): the CLIP random-resized crop, DINOv2's
+//! Per-branch augmentations on tensors (docs/design.md §4.2): the CLIP random-resized crop, DINOv2's
 //! multi-crop (`dinov2/data/augmentations.py::DataAugmentationDINO`) and the reconstruction crop.
 //!
 //! Each transform is split in two: `sample` draws every random parameter from the caller's RNG
@@ -7,7 +7,7 @@
 //! parameters with libtorch ops on whatever device the image tensor lives on. Each operation follows
 //! torchvision's tensor implementation (`transforms/_functional_tensor.py`): antialiased bicubic
 //! `resized_crop`, `ColorJitter`'s four ops in random order, ITU-R 601-2 grayscale, reflect-padded
-//! Gaussian blur, solarize; outputs are ImageNet-normalised `f32` (spec §1.6).
+//! Gaussian blur, solarize; outputs are ImageNet-normalised `f32` (docs/design.md §1.6).
 //! Differences from torchvision: values are clamped to `[0, 1]` after the bicubic resize (torchvision
 //! clamps only `u8`), the blur runs as two 1-D passes (equal up to rounding), and the contrast mean
 //! is accumulated in `f64` so that it does not depend on libtorch's thread count.
@@ -25,21 +25,21 @@ use tch::{Kind, Tensor};
 
 use super::image::{IMAGENET_MEAN, IMAGENET_STD};
 
-/// DINOv2 `global_crops_scale` (spec §4.2).
+/// DINOv2 `global_crops_scale` (docs/design.md §4.2).
 pub const DINO_GLOBAL_SCALE: (f64, f64) = (0.32, 1.0);
-/// DINOv2 `local_crops_scale` (spec §4.2).
+/// DINOv2 `local_crops_scale` (docs/design.md §4.2).
 pub const DINO_LOCAL_SCALE: (f64, f64) = (0.05, 0.32);
-/// OpenCLIP's training crop scale (spec §4.2).
+/// OpenCLIP's training crop scale (docs/design.md §4.2).
 pub const CLIP_SCALE: (f64, f64) = (0.9, 1.0);
 /// torchvision `RandomResizedCrop` default aspect-ratio range.
 pub const CROP_RATIO: (f64, f64) = (3.0 / 4.0, 4.0 / 3.0);
-/// `RandomHorizontalFlip` probability of every flipped branch (spec §4.2).
+/// `RandomHorizontalFlip` probability of every flipped branch (docs/design.md §4.2).
 pub const FLIP_P: f64 = 0.5;
-/// `RandomSolarize(threshold=128)` on 8-bit images, as a fraction of full scale (spec §4.2).
+/// `RandomSolarize(threshold=128)` on 8-bit images, as a fraction of full scale (docs/design.md §4.2).
 pub const SOLARIZE_THRESHOLD: f64 = 128.0 / 255.0;
-/// DINOv2 `GaussianBlur`: `kernel_size = 9` (spec §4.2).
+/// DINOv2 `GaussianBlur`: `kernel_size = 9` (docs/design.md §4.2).
 pub const BLUR_KERNEL_SIZE: usize = 9;
-/// DINOv2 `GaussianBlur`: `sigma ∈ [radius_min, radius_max] = [0.1, 2.0]` (spec §4.2).
+/// DINOv2 `GaussianBlur`: `sigma ∈ [radius_min, radius_max] = [0.1, 2.0]` (docs/design.md §4.2).
 pub const BLUR_SIGMA: (f64, f64) = (0.1, 2.0);
 /// torchvision `RandomResizedCrop.get_params`: attempts before the central-crop fallback.
 const CROP_ATTEMPTS: usize = 10;
@@ -69,7 +69,7 @@ pub struct CropBox {
     pub width: u32,
 }
 
-/// torchvision `RandomResizedCrop(size, scale, ratio, BICUBIC)` (spec §4.2).
+/// torchvision `RandomResizedCrop(size, scale, ratio, BICUBIC)` (docs/design.md §4.2).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RandomResizedCrop {
     /// Output side in pixels.
@@ -182,7 +182,7 @@ pub struct ColorJitter {
 }
 
 impl ColorJitter {
-    /// DINOv2's `ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)` (spec §4.2).
+    /// DINOv2's `ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)` (docs/design.md §4.2).
     pub const DINOV2: ColorJitter = ColorJitter { brightness: 0.4, contrast: 0.4, saturation: 0.2, hue: 0.1 };
 
     /// The sampling range of `op`'s factor.
@@ -223,7 +223,7 @@ pub struct Photometric {
     pub jitter: ColorJitter,
     pub jitter_p: f64,
     pub grayscale_p: f64,
-    /// Probability that the blur is applied. Spec §4.2 gives 1.0 / 0.1 / 0.5 (global 1 / global 2 /
+    /// Probability that the blur is applied. docs/design.md §4.2 gives 1.0 / 0.1 / 0.5 (global 1 / global 2 /
     /// locals); DINOv2's code passes `1 - p` to `RandomApply`, so its effective values are 0.0 / 0.9 / 0.5
     /// (facebookresearch/dinov2 PR #411).
     pub blur_p: f64,
@@ -291,7 +291,7 @@ impl Augment for CropRecipe {
     }
 }
 
-/// The CLIP branch (spec §4.2, OpenCLIP): `RandomResizedCrop(size, scale=(0.9, 1.0), bicubic)`, nothing else.
+/// The CLIP branch (docs/design.md §4.2, OpenCLIP): `RandomResizedCrop(size, scale=(0.9, 1.0), bicubic)`, nothing else.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ClipCrop {
     pub crop: RandomResizedCrop,
@@ -315,7 +315,7 @@ impl Augment for ClipCrop {
     }
 }
 
-/// The reconstruction branch (spec §4.2, "centre/random crop to 256"): a square of the short side at a
+/// The reconstruction branch (docs/design.md §4.2, "centre/random crop to 256"): a square of the short side at a
 /// uniformly random offset along the long side, bicubic-resized to `size`, flipped with `flip_p`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ReconCrop {
@@ -345,7 +345,7 @@ impl Augment for ReconCrop {
     }
 }
 
-/// DINOv2 `DataAugmentationDINO` (spec §4.2): two global crops and `n_local` local crops per image.
+/// DINOv2 `DataAugmentationDINO` (docs/design.md §4.2): two global crops and `n_local` local crops per image.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DinoMultiCrop {
     /// Global crop 1 (blur p 1.0) and global crop 2 (blur p 0.1, solarize p 0.2).
@@ -373,7 +373,7 @@ pub struct MultiCropOutput {
 }
 
 impl DinoMultiCrop {
-    /// DINOv2's recipe with `global` and `local` crop sides (spec §4.2: 224 or 256, 96) and `n_local`
+    /// DINOv2's recipe with `global` and `local` crop sides (docs/design.md §4.2: 224 or 256, 96) and `n_local`
     /// local crops (8): scales [`DINO_GLOBAL_SCALE`] / [`DINO_LOCAL_SCALE`], flip 0.5, jitter 0.8,
     /// grayscale 0.2, blur 1.0 / 0.1 / 0.5, solarize 0.2 on global crop 2.
     pub fn dinov2(global: i64, local: i64, n_local: usize) -> Self {
@@ -440,7 +440,7 @@ impl DinoMultiCrop {
     }
 }
 
-/// Collates per-image multi-crops crop-major (spec §4.2): global `[2B, 3, G, G]` (all first crops,
+/// Collates per-image multi-crops crop-major (docs/design.md §4.2): global `[2B, 3, G, G]` (all first crops,
 /// then all second crops) and local `[n_local·B, 3, L, L]`.
 ///
 /// # Panics

@@ -2,7 +2,7 @@
 //! normalisation (CHW `f32`) and PNG output (every PNG the crate writes goes through [`encode_png`]:
 //! [`write_png`] for an RGB image, [`save_png`] for normalised values, [`save_grid01`] for tensors).
 //!
-//! Normalisation matches torchvision `ToTensor` + `Normalize` bit for bit (spec §1.6, §5).
+//! Normalisation matches torchvision `ToTensor` + `Normalize` bit for bit (docs/design.md §1.6, §5).
 //! Resampling for [`Fit::AdmCenterCrop`] re-implements Pillow's `Image.resize` (BOX and BICUBIC,
 //! 8-bit fixed-point two-pass convolution of `libImaging/Resample.c`, horizontal pass first as in
 //! Pillow 3.4–12.x), so it reproduces those Pillow versions' pixels exactly given the same decoded
@@ -19,9 +19,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use image::{imageops, ImageFormat, ImageReader, RgbImage};
 use tch::{Device, Kind, Tensor};
 
-/// ImageNet per-channel (RGB) mean (spec §1.6).
+/// ImageNet per-channel (RGB) mean (docs/design.md §1.6).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-/// ImageNet per-channel (RGB) standard deviation (spec §1.6).
+/// ImageNet per-channel (RGB) standard deviation (docs/design.md §1.6).
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// File extensions (lower case) that [`list_images`] picks up.
@@ -67,7 +67,7 @@ pub fn prepare_rgb(img: &RgbImage, patch: u32, fit: Fit) -> Result<ImageTensor> 
 
 /// De-normalises an ImageNet-normalised CHW image into 8-bit RGB: `x * std + mean`, clamped to
 /// `[0, 1]`, scaled by 255 and **truncated** to `u8`, like the reference tools' `astype(uint8)`
-/// (spec §5.3, §7.8).
+/// (docs/design.md §5.3, §7.8).
 pub fn to_rgb_image(chw_normalised: &[f32], height: usize, width: usize) -> Result<RgbImage> {
     let plane = height * width;
     if chw_normalised.len() != 3 * plane {

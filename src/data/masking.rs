@@ -1,4 +1,4 @@
-//! iBOT block masking for the student's global crops (spec §4.3): DINOv2's `MaskingGenerator`
+//! iBOT block masking for the student's global crops (docs/design.md §4.3): DINOv2's `MaskingGenerator`
 //! (`dinov2/data/masking.py`) and the mask part of `collate_data_and_cast` (`dinov2/data/collate.py`),
 //! as `../shared/fixtures/LOSSES.md` §6 specifies them.
 //!
@@ -11,14 +11,14 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use tch::{Device, Kind, Tensor};
 
-/// DINOv2 `mask_ratio_tuple`: the per-crop masked fraction ranges over `[0.1, 0.5]` (spec §4.3).
+/// DINOv2 `mask_ratio_tuple`: the per-crop masked fraction ranges over `[0.1, 0.5]` (docs/design.md §4.3).
 pub const MASK_RATIO_MIN_MAX: (f64, f64) = (0.1, 0.5);
 /// DINOv2 `mask_probability` (`mask_sample_probability`): the fraction of global crops that get a
-/// mask (spec §4.3).
+/// mask (docs/design.md §4.3).
 pub const MASK_SAMPLE_PROBABILITY: f64 = 0.5;
-/// DINOv2 `MaskingGenerator` default `min_num_patches` (spec §4.3).
+/// DINOv2 `MaskingGenerator` default `min_num_patches` (docs/design.md §4.3).
 pub const MIN_NUM_PATCHES: f64 = 4.0;
-/// DINOv2 `MaskingGenerator` default `min_aspect`; `max_aspect = 1 / min_aspect` (spec §4.3).
+/// DINOv2 `MaskingGenerator` default `min_aspect`; `max_aspect = 1 / min_aspect` (docs/design.md §4.3).
 pub const MIN_ASPECT: f64 = 0.3;
 /// Attempts per `_mask` call before giving up (LOSSES.md §6).
 const ATTEMPTS_PER_BLOCK: usize = 10;
@@ -32,7 +32,7 @@ pub struct Block {
     pub width: usize,
 }
 
-/// DINOv2 `MaskingGenerator` for a `grid_h`×`grid_w` patch grid (spec §4.3, LOSSES.md §6): masks
+/// DINOv2 `MaskingGenerator` for a `grid_h`×`grid_w` patch grid (docs/design.md §4.3, LOSSES.md §6): masks
 /// are unions of random rectangles (area `U(min_num_patches, max_mask)`, log-uniform aspect ratio in
 /// `[0.3, 1/0.3]`), each strictly narrower and shorter than the grid.
 #[derive(Clone, Debug, PartialEq)]
@@ -122,7 +122,7 @@ fn uniform(rng: &mut impl Rng, a: f64, b: f64) -> f64 {
     a + (b - a) * rng.random::<f64>()
 }
 
-/// The masks of one SSL batch and what the iBOT loss reads from them (spec §4.2–§4.3; the
+/// The masks of one SSL batch and what the iBOT loss reads from them (docs/design.md §4.2–§4.3; the
 /// `collated_masks`, `mask_indices_list`, `masks_weight`, `n_masked_patches` and `upperbound`
 /// of DINOv2's `collate_data_and_cast`).
 #[derive(Debug)]

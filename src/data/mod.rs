@@ -1,6 +1,6 @@
 //! Data: the stream of captioned samples every stage reads (pre-training, evaluation, generation),
 //! its sources (built-in synthetic scenes, WebDataset shards, image folders) and the per-branch
-//! augmentations and iBOT masking (spec §4.2–§4.3).
+//! augmentations and iBOT masking (docs/design.md §4.2–§4.3).
 //!
 //! Imports run one way: [`reader`] (the traits a source implements) ← the sources ([`synthetic`],
 //! [`folder`], [`webdataset`], which decode and encode through [`image`]) ← [`source`] (parses a

@@ -1,4 +1,4 @@
-// The C ABI between vtp's Rust code and libtorch's c10d (spec: ../shared/spec/distributed-notes.md).
+// The C ABI between vtp's Rust code and libtorch's c10d (docs/design.md §10).
 //
 // A process group is a c10d TCPStore (torchrun's agent store, or one served by rank 0) and a c10d
 // backend (ProcessGroupGloo on CPU). Collectives run on tch tensors (`at::Tensor*`, tch's `C_tensor`)

@@ -1,4 +1,4 @@
-//! The latent cache of `vtp dit extract` (spec §5.4 "Latent extraction"): a data set encoded once by a
+//! The latent cache of `vtp dit extract` (docs/design.md §5.4 "Latent extraction"): a data set encoded once by a
 //! tokenizer into safetensors shards of `latents`, `latents_flip` (the horizontally flipped image's
 //! latents, as the reference stores them) and `labels`, with a manifest naming the tokenizer (by
 //! weight fingerprint), the source and the label set, and the per-channel latent statistics

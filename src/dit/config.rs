@@ -1,5 +1,5 @@
 //! The DiT's configurations: the model's `LightningDiT(...)` arguments ([`DitConfig`], its
-//! `config.json`, spec §8.1) and the `vtp dit train` run (spec §5.4 "DiT configs", §8.7): one TOML
+//! `config.json`, docs/design.md §8.1) and the `vtp dit train` run (docs/design.md §5.4 "DiT configs", §8.7): one TOML
 //! section per concern, presets, dotted overrides and commented printing through the same machinery
 //! as `vtp pretrain`. The `[sample]` section is the sampler's own [`SamplerConfig`].
 use super::cache::{CacheManifest, LatentCache};
@@ -20,14 +20,14 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// The published preset names accepted by [`DitConfig::preset`] (spec §8.1; "tiny" and "small" are
+/// The published preset names accepted by [`DitConfig::preset`] (docs/design.md §8.1; "tiny" and "small" are
 /// the CPU-sized presets of `pytorch_dit.py`; "B", "L", "XL" without a patch size mean patch 1, as
 /// there and in the VTP configs). An optional `LightningDiT-` prefix is accepted too.
 pub const PRESET_NAMES: [&str; 15] = [
     "tiny", "small", "B", "B/1", "B/2", "L", "L/1", "L/2", "XL", "XL/1", "XL/2", "1p0B/1", "1p0B/2", "1p6B/1", "1p6B/2",
 ];
 
-/// `LightningDiT(...)` constructor arguments, named and defaulted as in the official code (spec §8.1);
+/// `LightningDiT(...)` constructor arguments, named and defaulted as in the official code (docs/design.md §8.1);
 /// this is `config.json`. Unknown keys are errors (a `[model]` typo in a training config must not pass
 /// silently); [`Self::from_file`] drops the non-architecture keys a `config.json` may carry
 /// (`use_checkpoint`, and `_`-prefixed notes such as `_class`, `_derived`).
@@ -68,7 +68,7 @@ pub struct DitConfig {
 }
 
 impl Default for DitConfig {
-    /// The official constructor defaults (spec §8.1).
+    /// The official constructor defaults (docs/design.md §8.1).
     fn default() -> Self {
         Self {
             input_size: 32,
@@ -91,7 +91,7 @@ impl Default for DitConfig {
 }
 
 impl DitConfig {
-    /// The VTP generation setup (spec §5.4): 16×16×64 latents, 1000 classes, SwiGLU + RoPE + RMSNorm,
+    /// The VTP generation setup (docs/design.md §5.4): 16×16×64 latents, 1000 classes, SwiGLU + RoPE + RMSNorm,
     /// no q/k-norm, with shift; the given size.
     fn vtp(hidden_size: i64, depth: i64, num_heads: i64, patch_size: i64) -> Self {
         Self {
@@ -111,7 +111,7 @@ impl DitConfig {
         }
     }
 
-    /// A preset by name ([`PRESET_NAMES`], spec §8.1) with the VTP options; an unknown name is an error
+    /// A preset by name ([`PRESET_NAMES`], docs/design.md §8.1) with the VTP options; an unknown name is an error
     /// listing the valid ones.
     pub fn preset(name: &str) -> Result<Self> {
         let (hidden, depth, heads, patch) = match name.strip_prefix("LightningDiT-").unwrap_or(name) {
@@ -132,7 +132,7 @@ impl DitConfig {
         Ok(Self::vtp(hidden, depth, heads, patch))
     }
 
-    /// Checks the sizes the architecture needs (spec §8.2–§8.4): positive sizes, `patch_size` divides
+    /// Checks the sizes the architecture needs (docs/design.md §8.2–§8.4): positive sizes, `patch_size` divides
     /// `input_size`, `num_heads` divides `hidden_size`, `hidden_size` divisible by 4 (sin-cos table),
     /// head_dim divisible by 4 with RoPE, a ratio > 0 and a dropout probability in [0, 1].
     pub fn validate(&self) -> Result<()> {
@@ -222,18 +222,18 @@ impl DitConfig {
         }
     }
 
-    /// `mlp_hidden_dim = int(hidden_size · mlp_ratio)` (spec §8.4).
+    /// `mlp_hidden_dim = int(hidden_size · mlp_ratio)` (docs/design.md §8.4).
     pub fn mlp_hidden(&self) -> i64 {
         (self.hidden_size as f64 * self.mlp_ratio) as i64
     }
 
-    /// SwiGLU hidden width `int(2/3 · mlp_hidden)` (spec §8.4; 170 for the tiny fixture).
+    /// SwiGLU hidden width `int(2/3 · mlp_hidden)` (docs/design.md §8.4; 170 for the tiny fixture).
     pub fn swiglu_hidden(&self) -> i64 {
         (2.0 / 3.0 * self.mlp_hidden() as f64) as i64
     }
 
     /// Rows of the label table: `num_classes + 1` when `class_dropout_prob > 0` (the null row), else
-    /// `num_classes` (spec §8.2).
+    /// `num_classes` (docs/design.md §8.2).
     pub fn label_rows(&self) -> i64 {
         self.num_classes + i64::from(self.has_null_class())
     }
@@ -261,7 +261,7 @@ pub struct DitTrainConfig {
     pub preset: String,
     /// The latent cache folder written by `vtp dit extract --out` (latents, labels, statistics).
     pub cache: String,
-    /// Latent statistics instead of the cache's: vtp-s, vtp-b, vtp-l (released, spec §5.4) or a file;
+    /// Latent statistics instead of the cache's: vtp-s, vtp-b, vtp-l (released, docs/design.md §5.4) or a file;
     /// "" = the cache's.
     #[serde(default)]
     pub stats: String,
@@ -301,7 +301,7 @@ pub struct DitBatchConfig {
     pub size: usize,
 }
 
-/// `[transport]`: the time distribution and the loss (spec §5.4 "Flow-matching objective").
+/// `[transport]`: the time distribution and the loss (docs/design.md §5.4 "Flow-matching objective").
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct TransportConfig {
@@ -413,7 +413,7 @@ impl DitTrainConfig {
         }
     }
 
-    /// `xl`: VTP's generation recipe (spec §5.4): LightningDiT-XL/1 on 16×16×64 latents, batch 1024,
+    /// `xl`: VTP's generation recipe (docs/design.md §5.4): LightningDiT-XL/1 on 16×16×64 latents, batch 1024,
     /// 100k steps, AdamW 2e-4 (0.9, 0.95), EMA 0.9999, Euler 250 points with shift 0.075, no CFG.
     fn xl() -> Self {
         Self {
@@ -522,7 +522,7 @@ impl DitOptimConfig {
 }
 
 /// The first lines of `vtp dit train --print-config`.
-const DIT_HEADER: &str = "# vtp dit train configuration (spec §5.4, §8): LightningDiT trained by flow matching on a latent cache\n# (t = 0 noise, t = 1 data, velocity target x1 − x0, loss mean(mse) + mean(1 − cos)).\n";
+const DIT_HEADER: &str = "# vtp dit train configuration (docs/design.md §5.4, §8): LightningDiT trained by flow matching on a latent cache\n# (t = 0 noise, t = 1 data, velocity target x1 − x0, loss mean(mse) + mean(1 − cos)).\n";
 
 impl ConfigDocs for DitTrainConfig {
     fn section_key_doc(section: &str, key: &str) -> Option<&'static str> {

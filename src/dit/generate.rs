@@ -1,4 +1,4 @@
-//! Generating images with a trained DiT and scoring them (spec §5.4 "Decoding to images", "FID-50k"):
+//! Generating images with a trained DiT and scoring them (docs/design.md §5.4 "Decoding to images", "FID-50k"):
 //! samples are decoded by the tokenizer, de-normalised, clamped and truncated to 8 bits as the
 //! reference does, and compared with a reference set through FID-Inception pool features. For labelled
 //! data (the synthetic scenes) a **reference classifier** — a linear probe on the same Inception

@@ -1,4 +1,4 @@
-//! Generation (spec §5.4, §8): LightningDiT trained by flow matching on VTP latents — the latent
+//! Generation (docs/design.md §5.4, §8): LightningDiT trained by flow matching on VTP latents — the latent
 //! cache and its statistics, the model, the transport (linear path, time sampling, loss), the ODE
 //! sampler, and the training run.
 pub mod cache;

@@ -1,4 +1,4 @@
-//! LightningDiT (spec §8; VTP's generator, §5.4): the flow-matching diffusion transformer of
+//! LightningDiT (docs/design.md §8; VTP's generator, §5.4): the flow-matching diffusion transformer of
 //! hustvl/LightningDiT `models/lightningdit.py`, with its state-dict key names, init and the official
 //! `forward` / `forward_with_cfg` semantics, plus loading and saving its `config.json` (constructor
 //! arguments, [`DitConfig`] in `dit::config`) + `model.safetensors` (official keys) layout.
@@ -13,20 +13,20 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
-/// Width of the sinusoidal timestep features (`frequency_embedding_size`, spec §8.2).
+/// Width of the sinusoidal timestep features (`frequency_embedding_size`, docs/design.md §8.2).
 pub const FREQUENCY_EMBEDDING_SIZE: i64 = 256;
-/// `max_period` of the timestep features and base of the 2-D sin-cos table and the RoPE (spec §8.2–§8.3).
+/// `max_period` of the timestep features and base of the 2-D sin-cos table and the RoPE (docs/design.md §8.2–§8.3).
 pub const SINCOS_BASE: f64 = 10000.0;
-/// eps of the token norms (RMSNorm or affine-free LayerNorm) and of the RMSNorm q/k-norm (spec §8.4).
+/// eps of the token norms (RMSNorm or affine-free LayerNorm) and of the RMSNorm q/k-norm (docs/design.md §8.4).
 pub const NORM_EPS: f64 = 1e-6;
-/// eps of the affine LayerNorm q/k-norm used when `use_qknorm` and not `use_rmsnorm` (spec §8.4).
+/// eps of the affine LayerNorm q/k-norm used when `use_qknorm` and not `use_rmsnorm` (docs/design.md §8.4).
 pub const QK_LAYER_NORM_EPS: f64 = 1e-5;
-/// Std of the label table and t-MLP weights at init (spec §8.5 "Init").
+/// Std of the label table and t-MLP weights at init (docs/design.md §8.5 "Init").
 pub const INIT_STD: f64 = 0.02;
-/// The fixed (non-trainable) tables stored in the checkpoint beside the parameters (spec §8.2–§8.3).
+/// The fixed (non-trainable) tables stored in the checkpoint beside the parameters (docs/design.md §8.2–§8.3).
 pub const BUFFER_NAMES: [&str; 3] = ["pos_embed", "feat_rope.freqs_cos", "feat_rope.freqs_sin"];
 
-/// Which output channels `forward_with_cfg` guides (spec §8.6).
+/// Which output channels `forward_with_cfg` guides (docs/design.md §8.6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuidedChannels {
     /// Every channel, interval checked per sample: the sane variant our sampler uses.
@@ -35,7 +35,7 @@ pub enum GuidedChannels {
     FirstThree,
 }
 
-/// Intermediates of one forward (the fixtures' `debug.*` tensors, spec §8.2–§8.5).
+/// Intermediates of one forward (the fixtures' `debug.*` tensors, docs/design.md §8.2–§8.5).
 #[derive(Debug)]
 pub struct DitTrace {
     /// Sinusoidal timestep features `[B, 256]` (`[cos | sin]`).
@@ -58,7 +58,7 @@ pub struct DitTrace {
     pub out: Tensor,
 }
 
-/// Linear with xavier-uniform weight and zero bias (spec §8.5 "Init").
+/// Linear with xavier-uniform weight and zero bias (docs/design.md §8.5 "Init").
 fn xavier_linear(p: nn::Path, inp: i64, out: i64) -> nn::Linear {
     let bound = (6.0 / (inp + out) as f64).sqrt();
     let config = nn::LinearConfig {
@@ -74,7 +74,7 @@ fn linear_init(p: nn::Path, inp: i64, out: i64, ws_init: nn::Init) -> nn::Linear
     nn::linear(p, inp, out, nn::LinearConfig { ws_init, bs_init: Some(nn::Init::Const(0.0)), bias: true })
 }
 
-/// The token norm of spec §8.4: RMSNorm (eps 1e-6, weight) or LayerNorm without affine (eps 1e-6),
+/// The token norm of docs/design.md §8.4: RMSNorm (eps 1e-6, weight) or LayerNorm without affine (eps 1e-6),
 /// both computed in f32.
 #[derive(Debug)]
 enum TokenNorm {
@@ -111,7 +111,7 @@ fn modulate(x: &Tensor, shift: Option<&Tensor>, scale: &Tensor) -> Tensor {
     }
 }
 
-/// The fixed 2-D sin-cos position table `[T, dim]` of spec §8.2 (f64, cast to f32): the first half
+/// The fixed 2-D sin-cos position table `[T, dim]` of docs/design.md §8.2 (f64, cast to f32): the first half
 /// encodes the column, the second half the row, each `[sin | cos]`, `ω_k = 1/10000^(k/(dim/4))`.
 pub fn sincos_pos_embed(dim: i64, grid: i64) -> Tensor {
     let opts = (Kind::Double, Device::Cpu);
@@ -127,7 +127,7 @@ pub fn sincos_pos_embed(dim: i64, grid: i64) -> Tensor {
     Tensor::cat(&[one(&cols), one(&rows)], 1).to_kind(Kind::Float)
 }
 
-/// The LightningDiT RoPE tables `(freqs_cos, freqs_sin)`, each `[grid², head_dim]` f32 (spec §8.3,
+/// The LightningDiT RoPE tables `(freqs_cos, freqs_sin)`, each `[grid², head_dim]` f32 (docs/design.md §8.3,
 /// EVA `VisionRotaryEmbeddingFast(head_dim/2, grid)`): head channels `[0, hd/2)` rotate by `row·f`,
 /// `[hd/2, hd)` by `col·f`, `f_j = 1/10000^(2j/(hd/2))`, each frequency used by an adjacent pair.
 pub fn rope_tables(head_dim: i64, grid: i64) -> (Tensor, Tensor) {
@@ -159,7 +159,7 @@ impl FeatRope {
     }
 }
 
-/// Attention (spec §8.4): packed qkv, optional q/k-norm, RoPE, fused SDPA, output projection.
+/// Attention (docs/design.md §8.4): packed qkv, optional q/k-norm, RoPE, fused SDPA, output projection.
 #[derive(Debug)]
 struct Attention {
     qkv: nn::Linear,
@@ -206,7 +206,7 @@ impl Attention {
     }
 }
 
-/// The block FFN (spec §8.4): SwiGLU `w3(silu(a)·b)`, `[a | b] = w12(x)`, or `fc2(GELU_tanh(fc1 x))`.
+/// The block FFN (docs/design.md §8.4): SwiGLU `w3(silu(a)·b)`, `[a | b] = w12(x)`, or `fc2(GELU_tanh(fc1 x))`.
 #[derive(Debug)]
 enum Mlp {
     SwiGlu { w12: nn::Linear, w3: nn::Linear },
@@ -236,7 +236,7 @@ impl Mlp {
     }
 }
 
-/// `LightningDiTBlock` (adaLN-Zero, spec §8.4).
+/// `LightningDiTBlock` (adaLN-Zero, docs/design.md §8.4).
 #[derive(Debug)]
 struct Block {
     norm1: TokenNorm,
@@ -277,7 +277,7 @@ impl Block {
     }
 }
 
-/// `FinalLayer` (spec §8.5): `linear(norm_final(x)·(1 + scale) + shift)`, shift first in the chunk.
+/// `FinalLayer` (docs/design.md §8.5): `linear(norm_final(x)·(1 + scale) + shift)`, shift first in the chunk.
 #[derive(Debug)]
 struct FinalLayer {
     norm_final: TokenNorm,
@@ -303,7 +303,7 @@ impl FinalLayer {
 }
 
 /// Sinusoidal timestep features `[B, 256]` = `[cos(t·f), sin(t·f)]`, `f_i = exp(−ln(10000)·i/128)`
-/// computed in f32 on the CPU (spec §8.2); `t` is the raw flow time, not ×1000.
+/// computed in f32 on the CPU (docs/design.md §8.2); `t` is the raw flow time, not ×1000.
 pub fn timestep_features(t: &Tensor) -> Tensor {
     let half = FREQUENCY_EMBEDDING_SIZE / 2;
     let freqs = (Tensor::arange(half, (Kind::Float, Device::Cpu)) * (-SINCOS_BASE.ln()) / half as f64).exp();
@@ -311,7 +311,7 @@ pub fn timestep_features(t: &Tensor) -> Tensor {
     Tensor::cat(&[args.cos(), args.sin()], -1)
 }
 
-/// The LightningDiT model (spec §8). Every tensor lives in [`Self::vs`] under its official state-dict
+/// The LightningDiT model (docs/design.md §8). Every tensor lives in [`Self::vs`] under its official state-dict
 /// name; `pos_embed` and the RoPE tables are non-trainable variables there ([`BUFFER_NAMES`]).
 #[derive(Debug)]
 pub struct LightningDit {
@@ -327,7 +327,7 @@ pub struct LightningDit {
 }
 
 impl LightningDit {
-    /// A model for a validated `config` on `device` with the training init of spec §8.5: xavier-uniform
+    /// A model for a validated `config` on `device` with the training init of docs/design.md §8.5: xavier-uniform
     /// linears and patch conv (flattened `[hidden, C·p²]` view) with zero biases, label table and t-MLP
     /// weights N(0, 0.02), adaLN modulations and the final linear zero, RMSNorm weights 1, fixed
     /// sin-cos `pos_embed` and RoPE tables. Draws from torch's global generator.
@@ -413,7 +413,7 @@ impl LightningDit {
         self.vs.trainable_variables()
     }
 
-    /// Number of trainable parameter values, as `pytorch_dit.py`'s `param_count`. The spec §8.1 counts
+    /// Number of trainable parameter values, as `pytorch_dit.py`'s `param_count`. The docs/design.md §8.1 counts
     /// (B/1 130.61 M, XL/1 675.33 M) also include `pos_embed` (`T·hidden` more).
     pub fn num_parameters(&self) -> i64 {
         self.named_parameters().iter().map(|(_, t)| t.numel() as i64).sum()
@@ -440,7 +440,7 @@ impl LightningDit {
     }
 
     /// Checks `x [B, in_channels, input_size, input_size]`, `t [B]` float and `y [B]` int64 in
-    /// `[0, label_rows)` (spec §8.2). `forward` does not check (it panics inside libtorch on bad
+    /// `[0, label_rows)` (docs/design.md §8.2). `forward` does not check (it panics inside libtorch on bad
     /// shapes or labels); call this where inputs come from outside.
     pub fn check_inputs(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<()> {
         let c = &self.config;
@@ -476,7 +476,7 @@ impl LightningDit {
         y.masked_fill(&drop, c.null_class())
     }
 
-    /// `forward(x, t, y)` (spec §8.2–§8.5): velocity `[B, in_channels, H, W]` for latents `x`
+    /// `forward(x, t, y)` (docs/design.md §8.2–§8.5): velocity `[B, in_channels, H, W]` for latents `x`
     /// `[B, C, H, W]`, flow times `t` `[B]` in [0, 1] (0 = noise, 1 = data; unscaled) and labels `y`
     /// `[B]` int64. With `train`, each label becomes the null class with probability
     /// `class_dropout_prob` (`Tensor::rand` on torch's global generator).
@@ -519,7 +519,7 @@ impl LightningDit {
         }
     }
 
-    /// The doubled CFG batch as the official `inference.py` builds it (spec §8.6): `[x; x]`, `[t; t]`,
+    /// The doubled CFG batch as the official `inference.py` builds it (docs/design.md §8.6): `[x; x]`, `[t; t]`,
     /// `[y; null]`. Panics when the model has no null class (`class_dropout_prob` 0).
     pub fn cfg_batch(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> (Tensor, Tensor, Tensor) {
         assert!(self.config.has_null_class(), "classifier-free guidance needs class_dropout_prob > 0 (a null class)");
@@ -527,7 +527,7 @@ impl LightningDit {
         (Tensor::cat(&[x, x], 0), Tensor::cat(&[t, t], 0), Tensor::cat(&[y, &null], 0))
     }
 
-    /// `forward_with_cfg(x, t, y, scale, cfg_interval, cfg_interval_start)` (spec §8.6) on a doubled
+    /// `forward_with_cfg(x, t, y, scale, cfg_interval, cfg_interval_start)` (docs/design.md §8.6) on a doubled
     /// batch (`[cond; uncond]` halves, see [`Self::cfg_batch`]); `interval_start = Some(s)` is
     /// `cfg_interval=True, cfg_interval_start=s` (guidance off while t < s). As the official code, only
     /// `x[:n/2]` is used (duplicated) with the full `t`, `y`; the output has both halves.

@@ -1,4 +1,4 @@
-//! The released VTP-S/B/L latent statistics (spec §5.4 "Released latent statistics",
+//! The released VTP-S/B/L latent statistics (docs/design.md §5.4 "Released latent statistics",
 //! `generation/latent_stats/vtp_{s,b,l}/latents_stats.pt`, 6 significant digits): per-channel mean and
 //! std of the 64 latent channels, by name for the released tokenizers.
 

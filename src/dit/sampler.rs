@@ -1,4 +1,4 @@
-//! ODE sampling of the flow-matching model from t = 0 (noise) to t = 1 (data) (spec §5.4 "Sampler", §8.7;
+//! ODE sampling of the flow-matching model from t = 0 (noise) to t = 1 (data) (docs/design.md §5.4 "Sampler", §8.7;
 //! LightningDiT `transport/integrators.py::ode` with `torchdiffeq.odeint` on a fixed grid).
 //!
 //! Grid: `t_n = linspace(0, 1, steps)` (`steps` grid **points**, so `steps - 1` integration steps), then,
@@ -7,7 +7,7 @@
 //! use Euler, 250 points, shift 0.075, no CFG.
 //!
 //! Classifier-free guidance is not part of the sampler's maths: the sampler calls a velocity closure, and
-//! the caller composes the DiT's `forward_with_cfg` (spec §8.6) from [`SamplerConfig::cfg_scale`] and
+//! the caller composes the DiT's `forward_with_cfg` (docs/design.md §8.6) from [`SamplerConfig::cfg_scale`] and
 //! [`SamplerConfig::cfg_interval_start`] when [`SamplerConfig::uses_cfg`].
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};

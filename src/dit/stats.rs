@@ -1,4 +1,4 @@
-//! Per-channel latent statistics (spec §5.4): the DiT trains on `z = (latent − mean)/std` and samples
+//! Per-channel latent statistics (docs/design.md §5.4): the DiT trains on `z = (latent − mean)/std` and samples
 //! are mapped back by `latent = x·std + mean` before decoding. They travel with the latent cache, every
 //! DiT checkpoint and every exported DiT, so training and sampling apply them exactly once; forgetting
 //! them collapses FID (a recurring LightningDiT issue).
@@ -40,7 +40,7 @@ impl LatentStats {
         Ok(Self { mean: mean.to_kind(Kind::Float), std: std.to_kind(Kind::Float) })
     }
 
-    /// The released statistics of `vtp-s`, `vtp-b` or `vtp-l` (spec §5.4).
+    /// The released statistics of `vtp-s`, `vtp-b` or `vtp-l` (docs/design.md §5.4).
     pub fn released(name: &str) -> Result<Self> {
         let (_, mean, std) = RELEASED.iter().find(|(n, _, _)| *n == name).with_context(|| {
             format!("unknown released latent statistics '{name}' (expected one of {})", RELEASED_NAMES.join(", "))

@@ -1,4 +1,4 @@
-//! `vtp dit train` (spec §5.4, §8.7): LightningDiT trained by flow matching on a latent cache, on the
+//! `vtp dit train` (docs/design.md §5.4, §8.7): LightningDiT trained by flow matching on a latent cache, on the
 //! run machinery every trainer shares ([`crate::train::run`]: progress, metrics, plots, atomic
 //! checkpoints, bit-identical resume, non-finite step handling). Each step draws a batch of cached
 //! latents (or their flipped copies, with probability ½), normalises them with the cache's statistics,

@@ -1,4 +1,4 @@
-//! Flow-matching transport for the LightningDiT (spec §5.4 "Flow-matching objective", §8.7; LightningDiT
+//! Flow-matching transport for the LightningDiT (docs/design.md §5.4 "Flow-matching objective", §8.7; LightningDiT
 //! `transport/` with the VTP settings `create_transport("Linear", "velocity", None, None, None,
 //! use_cosine_loss=True, use_lognorm=True)`).
 //!

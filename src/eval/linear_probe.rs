@@ -1,4 +1,4 @@
-//! Linear probing on frozen encoder features (spec §5.2, §7.12), under three named [`Protocol`]s:
+//! Linear probing on frozen encoder features (docs/design.md §5.2, §7.12), under three named [`Protocol`]s:
 //!
 //! - [`Protocol::Official`] — DINOv2 / VTP `tools/test_linear_probing_hf.py`: the CLS tokens of the last
 //!   `n ∈ {1, 4}` blocks (each through the final norm, shallow → deep) followed by the mean of the last
@@ -57,12 +57,12 @@ pub const PROBE_RESIZE: u32 = 256;
 /// ... then a centre crop of this side (14×14 tokens).
 pub const PROBE_CROP: u32 = 224;
 
-/// Which frozen features a linear probe reads (spec §5.2, §7.11–§7.12).
+/// Which frozen features a linear probe reads (docs/design.md §5.2, §7.11–§7.12).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
 pub enum Protocol {
     /// DINOv2's `create_linear_input(use_n_blocks=n_blocks, use_avgpool=True)` on
-    /// `get_intermediate_layers_feature(n, return_class_token=True)` (spec §5.2): CLS of the last `n_blocks`
+    /// `get_intermediate_layers_feature(n, return_class_token=True)` (docs/design.md §5.2): CLS of the last `n_blocks`
     /// blocks, shallow → deep, then the mean of the last block's patch tokens; dim `(n_blocks + 1)·D`.
     /// The official tool uses 1 and 4.
     Official {
@@ -312,7 +312,7 @@ impl Default for ProbeConfig {
     }
 }
 
-/// The result of a linear probe (spec §5.2). Accuracies are percentages.
+/// The result of a linear probe (docs/design.md §5.2). Accuracies are percentages.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LinearProbeResult {
     /// What was measured: the feature protocol's description and the training recipe.

@@ -1,5 +1,6 @@
-//! LPIPS-VGG (Zhang et al. 2018), the perceptual distance of VTP's reconstruction evaluation (spec §5.3) and of
-//! the pre-training reconstruction loss `L_rec = L1 + LPIPS` (spec §4.1).
+//! LPIPS-VGG (Zhang et al. 2018), the perceptual distance of VTP's reconstruction evaluation
+//! (docs/design.md §5.3) and of the pre-training reconstruction loss `L_rec = L1 + LPIPS`
+//! (docs/design.md §4.1).
 //!
 //! Semantics of the PyPI package `lpips` 0.1.4, `lpips.LPIPS(net='vgg', version='0.1')` in eval mode:
 //! inputs in `[-1, 1]` go through the scaling layer `(x - shift) / scale`, torchvision's VGG16 `features`

@@ -1,4 +1,4 @@
-//! Per-image reconstruction metrics on `[0, 1]` images `[B, 3, H, W]` (spec §5.3): PSNR over all
+//! Per-image reconstruction metrics on `[0, 1]` images `[B, 3, H, W]` (docs/design.md §5.3): PSNR over all
 //! values, and SSIM as `torchmetrics.StructuralSimilarityIndexMeasure(data_range=1.0)` computes it
 //! (11×11 Gaussian window, σ = 1.5, k₁ = 0.01, k₂ = 0.03, reflect padding, padded border cropped).
 //! Both return one value per image, so averages do not depend on the batch size.

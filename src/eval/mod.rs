@@ -1,4 +1,4 @@
-//! Evaluation (spec §5): zero-shot classification, linear probing, and reconstruction metrics
+//! Evaluation (docs/design.md §5): zero-shot classification, linear probing, and reconstruction metrics
 //! (PSNR, SSIM, LPIPS, rFID with the FID Inception network and pytorch-fid's Fréchet distance),
 //! gathered in one typed report.
 pub mod classnames;

@@ -1,4 +1,4 @@
-//! The linear-probe protocol (spec §5.2) on data sources, as `vtp eval` runs it: for each feature
+//! The linear-probe protocol (docs/design.md §5.2) on data sources, as `vtp eval` runs it: for each feature
 //! [`Protocol`], the features of the training and held-out sources (resized and centre-cropped,
 //! [`resize_center_crop`]) are extracted once and cached ([`FeatureCache`], keyed by the model
 //! fingerprint, the data and the protocol), then [`train_linear_probe`] trains on the first and
@@ -56,7 +56,7 @@ pub fn probe_resize(crop: u32) -> u32 {
     }
 }
 
-/// The linear probe of every protocol of `protocols` (spec §5.2) under `setup`; `fingerprint` names
+/// The linear probe of every protocol of `protocols` (docs/design.md §5.2) under `setup`; `fingerprint` names
 /// the model in the cache keys. `stage(what)` is called as each feature extraction starts (not on a
 /// cache hit) and returns the callback that gets the number of samples read so far; it is dropped
 /// when the extraction ends.

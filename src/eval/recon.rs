@@ -1,4 +1,4 @@
-//! Reconstruction evaluation (spec §5.3): ADM centre crop, encode + decode, then per image PSNR,
+//! Reconstruction evaluation (docs/design.md §5.3): ADM centre crop, encode + decode, then per image PSNR,
 //! SSIM and LPIPS on `[0, 1]` pixels, and rFID between the inputs and the reconstructions written as
 //! 8-bit images (`(x·255).astype(uint8)`, truncation) through the FID Inception network.
 use super::frechet::{frechet_distance, GaussianStats, FID_EPS};
@@ -69,7 +69,7 @@ pub fn rfid(inception: &FidInception, reference: &[Tensor], reconstructed: &[Ten
 pub struct ReconMetrics<'a> {
     pub inception: Option<&'a FidInception>,
     pub lpips: Option<&'a Lpips>,
-    /// Crop side (spec §5.3: 256).
+    /// Crop side (docs/design.md §5.3: 256).
     pub size: u32,
     pub batch: usize,
 }

@@ -1,4 +1,4 @@
-//! Zero-shot classification exactly as VTP's `tools/test_zero_shot_hf.py` does it (spec §5.1, §7.8, §7.19):
+//! Zero-shot classification exactly as VTP's `tools/test_zero_shot_hf.py` does it (docs/design.md §5.1, §7.8, §7.19):
 //! per class, every template filled with the class name is encoded with
 //! `get_clip_text_feature(tokens, normalize=True)`, the features are averaged over the templates and
 //! L2-normalised again; the columns form `W [Wt, C]`; an image's logits are `100 · I @ W` with
@@ -25,19 +25,19 @@ use crate::tokenizer::ClipTokenizer;
 
 use super::classnames::{self, prompts, ResolvedClassSet, CLASS_PLACEHOLDER};
 
-/// The fixed logit scale of the zero-shot tool (spec §5.1, §7.19), not `exp(logit_scale)`.
+/// The fixed logit scale of the zero-shot tool (docs/design.md §5.1, §7.19), not `exp(logit_scale)`.
 pub const LOGIT_SCALE: f64 = 100.0;
 
 /// The square side §5.1 squashes every image to.
 pub const ZERO_SHOT_IMAGE_SIZE: u32 = 256;
 
-/// Classes encoded per text batch when building the classifier (the tool's 10; spec §5.1).
+/// Classes encoded per text batch when building the classifier (the tool's 10; docs/design.md §5.1).
 pub const DEFAULT_CLASS_BATCH: usize = 10;
 
 /// One batch of evaluation data: ImageNet-normalised images `[B, 3, H, W]` (any device) and their labels.
 pub type LabelledBatch = (Tensor, Vec<i64>);
 
-/// Zero-shot accuracy on a labelled set (spec §5.1). Accuracies are percentages.
+/// Zero-shot accuracy on a labelled set (docs/design.md §5.1). Accuracies are percentages.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ZeroShotResult {
     /// What was measured, e.g. `zero-shot §5.1 (1000 classes × 80 templates, ...)`.
@@ -54,7 +54,7 @@ pub struct ZeroShotResult {
     pub n_templates: usize,
 }
 
-/// The zero-shot classifier of spec §5.1: one unit-norm text-feature column per class.
+/// The zero-shot classifier of docs/design.md §5.1: one unit-norm text-feature column per class.
 #[derive(Debug)]
 pub struct ZeroShotClassifier {
     /// `W [Wt, C]` (f32, on the model's device): column `c` is class `c`'s template-mean, renormalised
@@ -67,7 +67,7 @@ pub struct ZeroShotClassifier {
 }
 
 impl ZeroShotClassifier {
-    /// Builds `W` as OpenCLIP's `build_zero_shot_classifier` / the VTP tool do (spec §5.1): for each batch
+    /// Builds `W` as OpenCLIP's `build_zero_shot_classifier` / the VTP tool do (docs/design.md §5.1): for each batch
     /// of `class_batch` classes, tokenises `class_batch × T` prompts (`{c}` of each template replaced by
     /// the class name; context length of the model), encodes them with
     /// `get_clip_text_feature(normalize=True)`, reshapes to `[b, T, Wt]`, averages over the templates,
@@ -124,7 +124,7 @@ impl ZeroShotClassifier {
         )
     }
 
-    /// Top-1 / top-5 accuracy over every batch of `images` (spec §5.1): image features from
+    /// Top-1 / top-5 accuracy over every batch of `images` (docs/design.md §5.1): image features from
     /// `get_clip_image_feature(normalize=True)` (images moved to the model's device), logits
     /// [`classify`], hits [`topk_hits`]. A label outside `0..C` is an error.
     pub fn evaluate<I>(&self, model: &VtpModel, images: I) -> Result<ZeroShotResult>
@@ -158,7 +158,7 @@ impl ZeroShotClassifier {
     }
 }
 
-/// The zero-shot protocol (spec §5.1) on a data source, as `vtp eval` and the pre-training run's online
+/// The zero-shot protocol (docs/design.md §5.1) on a data source, as `vtp eval` and the pre-training run's online
 /// evaluation both run it: class set `classes` resolved for `spec` ([`classnames::resolve_for_data`]:
 /// `folder` reads the class folders of `spec`), then [`evaluate_set`].
 pub fn evaluate_source(
@@ -174,7 +174,7 @@ pub fn evaluate_source(
     evaluate_set(model, spec, &set, limit, batch, size, progress)
 }
 
-/// The zero-shot protocol (spec §5.1) with a resolved class set: the first `limit` samples of `spec`
+/// The zero-shot protocol (docs/design.md §5.1) with a resolved class set: the first `limit` samples of `spec`
 /// (see [`crate::data::source`]), ground truth `set.label_key`, images squash-resized to `size`,
 /// `batch` images per forward; `progress` gets the number of images read so far.
 pub fn evaluate_set(
@@ -198,7 +198,7 @@ pub fn evaluate_set(
     Ok(result)
 }
 
-/// The zero-shot logits `100 · I @ W` (spec §5.1, §7.19): `image_features [B, Wt]` (normalised),
+/// The zero-shot logits `100 · I @ W` (docs/design.md §5.1, §7.19): `image_features [B, Wt]` (normalised),
 /// `weights [Wt, C]` -> `[B, C]`. Evaluated as Python does `100.0 * image_features @ W`, left to right.
 pub fn classify(image_features: &Tensor, weights: &Tensor) -> Tensor {
     (image_features * LOGIT_SCALE).matmul(weights)

@@ -1,4 +1,4 @@
-//! Multi-head self-attention of the ViT blocks (spec §1.3 "Attention", Q3): packed qkv Linear,
+//! Multi-head self-attention of the ViT blocks (docs/design.md §1.3 "Attention", Q3): packed qkv Linear,
 //! optional per-head QK RMSNorm, bf16 2-D RoPE, fused scaled-dot-product attention, output Linear.
 use super::ffn::linear;
 use super::norm::Norm;

@@ -1,4 +1,4 @@
-//! The pre-norm transformer block shared by the encoder and the pixel decoder (spec §1.3, Q4):
+//! The pre-norm transformer block shared by the encoder and the pixel decoder (docs/design.md §1.3, Q4):
 //! `x = x + ls1(attn(norm1(x)))`, `x = x + ls2(mlp(norm2(x)))`.
 use super::attention::SelfAttention;
 use super::ffn::Ffn;

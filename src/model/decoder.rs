@@ -1,4 +1,4 @@
-//! The pixel decoder (spec §1.4, Q8): 1×1 conv in, RoPE blocks on the latent grid (no prefix token),
+//! The pixel decoder (docs/design.md §1.4, Q8): 1×1 conv in, RoPE blocks on the latent grid (no prefix token),
 //! norm, 1×1 conv out to 3·16·16 channels, `PixelShuffle(16)`. Output is ImageNet-normalised.
 use super::block::{blocks, Block};
 use super::norm::Norm;

@@ -1,4 +1,4 @@
-//! The vision encoder `trunk` (spec §1.1, Q7): conv patch embedding, CLS token, pre-norm RoPE blocks,
+//! The vision encoder `trunk` (docs/design.md §1.1, Q7): conv patch embedding, CLS token, pre-norm RoPE blocks,
 //! one final norm on all tokens, and the bias-free 64-d `feature_bottleneck` applied after the norm.
 use super::block::{blocks, Block};
 use super::ffn::linear;
@@ -31,7 +31,7 @@ pub struct VisionEncoder {
 }
 
 impl VisionEncoder {
-    /// Builds the encoder of `c` under `p` (normally `root / "trunk"`), with the spec §1.1 init.
+    /// Builds the encoder of `c` under `p` (normally `root / "trunk"`), with the docs/design.md §1.1 init.
     pub fn new(p: nn::Path, c: &VtpConfig) -> Self {
         let s = c.vision();
         let d = s.embed_dim;
@@ -104,7 +104,7 @@ impl VisionEncoder {
         self.forward_train(image, None, 0.0, use_bottleneck)
     }
 
-    /// The training forward of one objective (spec §4.1 legacy meta-arch: the trunk runs once per
+    /// The training forward of one objective (docs/design.md §4.1 legacy meta-arch: the trunk runs once per
     /// objective): optional iBOT `masks` (`[B, N]` bool, masked patches become `mask_token`), stochastic
     /// depth at `drop_path_rate`, final norm, bottleneck when `use_bottleneck`.
     pub fn forward_train(

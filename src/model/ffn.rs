@@ -1,4 +1,4 @@
-//! Feed-forward networks (spec §1.3 "Feed-forwards", §9.3): GELU MLP and SwiGLU with the official
+//! Feed-forward networks (docs/design.md §1.3 "Feed-forwards", §9.3): GELU MLP and SwiGLU with the official
 //! hidden-width rule.
 use crate::config::FfnLayer;
 use tch::{nn, nn::Module, Tensor};
@@ -12,7 +12,7 @@ pub enum Ffn {
     SwiGlu { w1: nn::Linear, w2: nn::Linear, w3: nn::Linear },
 }
 
-/// SwiGLU hidden width: `d = int(hidden·2/3)` rounded up to a multiple of `align` (spec §9.3).
+/// SwiGLU hidden width: `d = int(hidden·2/3)` rounded up to a multiple of `align` (docs/design.md §9.3).
 pub fn swiglu_hidden(hidden: i64, align: i64) -> i64 {
     let d = (hidden * 2) / 3;
     d + (-d).rem_euclid(align)
@@ -30,7 +30,7 @@ pub fn ffn_hidden(kind: FfnLayer, dim: i64, ratio: f64) -> i64 {
     }
 }
 
-/// `nn.Linear` with the spec §1.1 init (trunc-normal std 0.02 with ±2 bounds ≈ normal, zero bias).
+/// `nn.Linear` with the docs/design.md §1.1 init (trunc-normal std 0.02 with ±2 bounds ≈ normal, zero bias).
 pub fn linear(p: nn::Path, inp: i64, out: i64, bias: bool) -> nn::Linear {
     linear_std(p, inp, out, bias, 0.02)
 }

@@ -1,5 +1,5 @@
-//! The VTP tokenizer model (`VTPModel`, spec §1): vision encoder, pixel decoder, CLIP text tower,
-//! projections and logit scale, with the released model's public methods (spec §1.6).
+//! The VTP tokenizer model (`VTPModel`, docs/design.md §1): vision encoder, pixel decoder, CLIP text tower,
+//! projections and logit scale, with the released model's public methods (docs/design.md §1.6).
 pub mod attention;
 pub mod block;
 pub mod decoder;
@@ -28,7 +28,7 @@ pub enum Layers {
     Indices(Vec<i64>),
 }
 
-/// `VTPModel`: all parameters live in `vs` under the official state-dict names (spec §2.3).
+/// `VTPModel`: all parameters live in `vs` under the official state-dict names (docs/design.md §2.3).
 #[derive(Debug)]
 pub struct VtpModel {
     pub config: VtpConfig,
@@ -41,7 +41,7 @@ pub struct VtpModel {
     pub logit_bias: Option<Tensor>,
 }
 
-/// The CLIP logits' scale and bias as `forward("clip")` returns them (spec §9.10).
+/// The CLIP logits' scale and bias as `forward("clip")` returns them (docs/design.md §9.10).
 #[derive(Debug)]
 pub struct LogitParams {
     /// `exp(logit_scale)`, stored shape.
@@ -51,7 +51,7 @@ pub struct LogitParams {
 }
 
 impl VtpModel {
-    /// A randomly initialised model (spec §1.1/§1.5 init) for a validated `config` on `device`.
+    /// A randomly initialised model (docs/design.md §1.1/§1.5 init) for a validated `config` on `device`.
     pub fn new(config: VtpConfig, device: Device) -> Result<Self> {
         config.validate()?;
         let vs = nn::VarStore::new(device);
@@ -93,7 +93,7 @@ impl VtpModel {
         self.vs.device()
     }
 
-    /// Persistent buffers that are not parameters: the two bf16 RoPE `periods` (spec §2.3).
+    /// Persistent buffers that are not parameters: the two bf16 RoPE `periods` (docs/design.md §2.3).
     pub fn buffers(&self) -> Vec<(String, &Tensor)> {
         let mut out = vec![("trunk.rope_embed.periods".to_string(), &self.trunk.rope.periods)];
         if let Some(d) = &self.pixel_decoder {
@@ -158,7 +158,7 @@ impl VtpModel {
         }
     }
 
-    /// `get_clip_image_feature(image, normalize)`: `[B, text_embed_dim]` (spec §9.9).
+    /// `get_clip_image_feature(image, normalize)`: `[B, text_embed_dim]` (docs/design.md §9.9).
     pub fn get_clip_image_feature(&self, image: &Tensor, normalize: bool) -> Result<Tensor> {
         let (proj, _) = self.clip_parts()?;
         let f = self.get_last_layer_feature(image, !self.config.vision_bottleneck_ae_only)?;

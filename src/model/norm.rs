@@ -1,4 +1,4 @@
-//! Normalisation layers (spec §1.3 "Norms", §7.4): RMSNorm (eps 1e-5) and LayerNorm (eps 1e-6 or 1e-5).
+//! Normalisation layers (docs/design.md §1.3 "Norms", §7.4): RMSNorm (eps 1e-5) and LayerNorm (eps 1e-6 or 1e-5).
 use crate::config::NormLayer;
 use tch::{nn, Kind, Tensor};
 

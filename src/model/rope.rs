@@ -1,4 +1,4 @@
-//! 2-D axial RoPE of the VTP encoder and pixel decoder (spec §1.2, §9.13–14), computed exactly the
+//! 2-D axial RoPE of the VTP encoder and pixel decoder (docs/design.md §1.2, §9.13–§9.14), computed exactly the
 //! official way: periods, coordinates, angles, sin and cos are bfloat16 tensors with a bf16 rounding
 //! after every op, and q/k are rounded to bf16 for the rotation even inside an f32 model.
 use tch::{Device, Kind, Tensor};

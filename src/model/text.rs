@@ -1,4 +1,4 @@
-//! The OpenCLIP text tower flattened onto `VTPModel` (spec §1.5, §9.4–9.8, Q10): token + positional
+//! The OpenCLIP text tower flattened onto `VTPModel` (docs/design.md §1.5, §9.4–§9.8, Q10): token + positional
 //! embeddings, residual attention blocks (`nn.MultiheadAttention` layout), `ln_final`, pooling and the
 //! text projection.
 use super::block::{scale, LayerScale};
@@ -146,7 +146,7 @@ pub struct TextTower {
 }
 
 impl TextTower {
-    /// Builds the tower of `c` under the model root `root` (its keys are top-level, spec §2.3).
+    /// Builds the tower of `c` under the model root `root` (its keys are top-level, docs/design.md §2.3).
     pub fn new(root: &nn::Path, c: &VtpConfig) -> Self {
         let (w, l) = (c.text_embed_dim, c.text_context_length);
         let emb = nn::EmbeddingConfig { ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 }, ..Default::default() };
@@ -208,7 +208,7 @@ impl TextTower {
     }
 }
 
-/// Token ids of `texts` as the text tower's int64 input `[N, context_length]` (spec §3).
+/// Token ids of `texts` as the text tower's int64 input `[N, context_length]` (docs/design.md §3).
 pub fn token_ids(tokenizer: &crate::tokenizer::ClipTokenizer, texts: &[&str], context_length: usize) -> Tensor {
     let flat: Vec<i64> = tokenizer.tokenize(texts, context_length).concat();
     Tensor::from_slice(&flat).view([texts.len() as i64, context_length as i64])

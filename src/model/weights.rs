@@ -1,4 +1,4 @@
-//! Reading and writing `model.safetensors` in the released layout (spec §2.3): official key names,
+//! Reading and writing `model.safetensors` in the released layout (docs/design.md §2.3): official key names,
 //! every parameter F32, the two RoPE `periods` buffers BF16, header metadata `{"format": "pt"}`.
 use super::VtpModel;
 use crate::io::{read_safetensors, write_safetensors};

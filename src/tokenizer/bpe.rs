@@ -1,4 +1,4 @@
-//! Byte-level BPE of the OpenAI-CLIP tokenizer (spec §3 "Vocabulary construction" steps 1-4,
+//! Byte-level BPE of the OpenAI-CLIP tokenizer (docs/design.md §3 "Vocabulary construction" steps 1-4,
 //! "BPE of one word", and §9.1 special-token literals).
 //!
 //! Symbols are handled as vocabulary ids rather than strings: every symbol the Python
@@ -12,26 +12,26 @@ use std::sync::{Mutex, MutexGuard};
 
 use flate2::read::GzDecoder;
 
-/// The OpenAI-CLIP merges file (MIT licence), as shipped by OpenCLIP (spec §3).
+/// The OpenAI-CLIP merges file (MIT licence), as shipped by OpenCLIP (docs/design.md §3).
 pub(crate) const MERGES_GZ: &[u8] = include_bytes!("../../assets/bpe_simple_vocab_16e6.txt.gz");
 
-/// Number of merges kept: lines `1 ..= 49152 - 256 - 2` of the merges file (spec §3 step 2).
+/// Number of merges kept: lines `1 ..= 49152 - 256 - 2` of the merges file (docs/design.md §3 step 2).
 const NUM_MERGES: usize = 49152 - 256 - 2;
 
-/// End-of-word marker appended to the last symbol of a word (spec §3).
+/// End-of-word marker appended to the last symbol of a word (docs/design.md §3).
 const END_OF_WORD: &str = "</w>";
 
-/// Literal text of the start-of-text special token (spec §3 step 3, §9.1).
+/// Literal text of the start-of-text special token (docs/design.md §3 step 3, §9.1).
 const SOT_LITERAL: &str = "<start_of_text>";
 
-/// Literal text of the end-of-text special token (spec §3 step 3, §9.1).
+/// Literal text of the end-of-text special token (docs/design.md §3 step 3, §9.1).
 const EOT_LITERAL: &str = "<end_of_text>";
 
 /// The per-word cache is cleared when it grows past this many words (Python's is unbounded;
 /// clearing only costs recomputation, never changes ids).
 const CACHE_CAPACITY: usize = 100_000;
 
-/// `bytes_to_unicode()` (spec §3 step 1): the character each byte value is mapped to.
+/// `bytes_to_unicode()` (docs/design.md §3 step 1): the character each byte value is mapped to.
 ///
 /// Printable bytes `!`..`~`, `¡`..`¬`, `®`..`ÿ` map to themselves; the other 68 byte values map,
 /// in increasing order, to U+0100, U+0101, ….
@@ -50,19 +50,19 @@ fn bytes_to_unicode() -> [char; 256] {
     table
 }
 
-/// Whether a byte value keeps its own code point in `bytes_to_unicode` (spec §3 step 1).
+/// Whether a byte value keeps its own code point in `bytes_to_unicode` (docs/design.md §3 step 1).
 fn is_printable_byte(byte: u32) -> bool {
     matches!(byte, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF)
 }
 
-/// The ordered list `B` of spec §3 step 1: printable bytes ascending, then the remapped ones.
+/// The ordered list `B` of docs/design.md §3 step 1: printable bytes ascending, then the remapped ones.
 fn base_bytes_in_vocab_order() -> Vec<u8> {
     let printable = (0u8..=255).filter(|&b| is_printable_byte(u32::from(b)));
     let remapped = (0u8..=255).filter(|&b| !is_printable_byte(u32::from(b)));
     printable.chain(remapped).collect()
 }
 
-/// Vocabulary, merge ranks and word cache of the CLIP byte-level BPE (spec §3).
+/// Vocabulary, merge ranks and word cache of the CLIP byte-level BPE (docs/design.md §3).
 pub(crate) struct Bpe {
     /// Id of the single-byte symbol for each byte value (without `</w>`).
     byte_ids: [u32; 256],
@@ -77,7 +77,7 @@ pub(crate) struct Bpe {
 }
 
 impl Bpe {
-    /// Builds the vocabulary from gzip-compressed merges text (spec §3 steps 1-4).
+    /// Builds the vocabulary from gzip-compressed merges text (docs/design.md §3 steps 1-4).
     pub(crate) fn from_gzip(gz: &[u8]) -> std::io::Result<Self> {
         let mut text = String::new();
         GzDecoder::new(gz).read_to_string(&mut text)?;
@@ -107,14 +107,14 @@ impl Bpe {
         Self { byte_ids, merges: merge_table, vocab, byte_decoder, cache: Mutex::new(HashMap::new()) }
     }
 
-    /// Number of vocabulary entries (49408 for the official merges, spec §3 step 3).
+    /// Number of vocabulary entries (49408 for the official merges, docs/design.md §3 step 3).
     pub(crate) fn vocab_size(&self) -> usize {
         self.vocab.len()
     }
 
-    /// BPE-encodes one pre-tokenised word (one regex match, spec §3) into vocabulary ids.
+    /// BPE-encodes one pre-tokenised word (one regex match, docs/design.md §3) into vocabulary ids.
     ///
-    /// The literals `<start_of_text>` / `<end_of_text>` are never split (spec §9.1).
+    /// The literals `<start_of_text>` / `<end_of_text>` are never split (docs/design.md §9.1).
     pub(crate) fn encode_word(&self, word: &str) -> Vec<u32> {
         if let Some(id) = self.special_id(word) {
             return vec![id];
@@ -145,7 +145,7 @@ impl Bpe {
         String::from_utf8_lossy(&bytes).replace(END_OF_WORD, " ")
     }
 
-    /// Id of a special-token literal, pre-seeded in Python's BPE cache (spec §9.1).
+    /// Id of a special-token literal, pre-seeded in Python's BPE cache (docs/design.md §9.1).
     fn special_id(&self, word: &str) -> Option<u32> {
         let last = u32::try_from(self.vocab.len()).ok()?;
         match word {

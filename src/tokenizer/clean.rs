@@ -1,4 +1,4 @@
-//! Text cleaning of the CLIP tokenizer (spec §3 "Text cleaning", `clean='lower'`):
+//! Text cleaning of the CLIP tokenizer (docs/design.md §3 "Text cleaning", `clean='lower'`):
 //! `ftfy.fix_text`, Python's `html.unescape` applied twice, whitespace collapse, lower-casing.
 //!
 //! ftfy has no Rust port, so [`fix_text`] re-implements what `ftfy.fix_text` (6.3, default
@@ -17,7 +17,7 @@ use regex::bytes::{Captures as ByteCaptures, Regex as ByteRegex};
 use regex::Regex;
 use unicode_normalization::UnicodeNormalization;
 
-/// Full cleaning of spec §3: `whitespace_clean(basic_clean(text)).lower()`, where
+/// Full cleaning of docs/design.md §3: `whitespace_clean(basic_clean(text)).lower()`, where
 /// `basic_clean = html.unescape(html.unescape(ftfy.fix_text(text))).strip()`.
 pub fn clean(text: &str) -> String {
     let fixed = fix_text(text);
@@ -25,13 +25,13 @@ pub fn clean(text: &str) -> String {
     collapse_whitespace(&unescaped).to_lowercase()
 }
 
-/// Python's `" ".join(text.split())` (spec §3): splits on runs of [`is_python_whitespace`]
+/// Python's `" ".join(text.split())` (docs/design.md §3): splits on runs of [`is_python_whitespace`]
 /// characters, drops empty pieces and joins with single spaces (this also strips both ends).
 pub fn collapse_whitespace(text: &str) -> String {
     text.split(is_python_whitespace).filter(|piece| !piece.is_empty()).collect::<Vec<_>>().join(" ")
 }
 
-/// Python's `str.isspace()`, the separator set of `str.split()` / `str.strip()` (spec §3):
+/// Python's `str.isspace()`, the separator set of `str.split()` / `str.strip()` (docs/design.md §3):
 /// Unicode `White_Space` plus the information separators U+001C..U+001F.
 fn is_python_whitespace(c: char) -> bool {
     matches!(
@@ -57,7 +57,7 @@ fn is_python_whitespace(c: char) -> bool {
 /// Longest entity name Python's `html.unescape` considers (`[^\t\n\f <&#;]{1,32}`).
 const MAX_ENTITY_NAME_CHARS: usize = 32;
 
-/// Python's `html.unescape` (used twice by spec §3): all HTML5 named character references
+/// Python's `html.unescape` (used twice by docs/design.md §3): all HTML5 named character references
 /// (with the legacy semicolon-less prefixes, longest first), decimal and hexadecimal references
 /// with the HTML5 replacement rules for invalid code points.
 pub fn html_unescape(text: &str) -> String {
@@ -168,7 +168,7 @@ fn html5_entity(name: &str) -> Option<&'static str> {
 /// ftfy's `max_decode_length`: segments are at most this many characters.
 const MAX_DECODE_LENGTH: usize = 1_000_000;
 
-/// `ftfy.fix_text(text)` with the default configuration (spec §3).
+/// `ftfy.fix_text(text)` with the default configuration (docs/design.md §3).
 ///
 /// The text is fixed line by line (ftfy's segments). HTML entities are decoded only until a
 /// segment containing `<` is seen: from then on ftfy treats the text as HTML and leaves them.

@@ -1,4 +1,4 @@
-//! OpenAI-CLIP byte-level BPE text tokenizer, as used by VTP's text tower (spec §3, §9.1-§9.2).
+//! OpenAI-CLIP byte-level BPE text tokenizer, as used by VTP's text tower (docs/design.md §3, §9.1-§9.2).
 //!
 //! Produces exactly the ids of OpenCLIP's `SimpleTokenizer` (`clean='lower'`): text cleaning
 //! ([`clean::clean`]), the pre-tokenisation regex, per-word BPE, and `[SOT] + ids + [EOT]` rows
@@ -13,19 +13,19 @@ use regex::Regex;
 
 use bpe::Bpe;
 
-/// Id of `<start_of_text>`, the first token of every row (spec §3 step 3).
+/// Id of `<start_of_text>`, the first token of every row (docs/design.md §3 step 3).
 pub const SOT_TOKEN: i64 = 49406;
 
-/// Id of `<end_of_text>`, which ends every row, even a truncated one (spec §3, §9.2).
+/// Id of `<end_of_text>`, which ends every row, even a truncated one (docs/design.md §3, §9.2).
 pub const EOT_TOKEN: i64 = 49407;
 
-/// Padding id appended after the EOT token (spec §3; id 0 is also the vocabulary entry `!`).
+/// Padding id appended after the EOT token (docs/design.md §3; id 0 is also the vocabulary entry `!`).
 pub const PAD_TOKEN: i64 = 0;
 
-/// Context length of the released CLIP text towers (spec §3, §9.2).
+/// Context length of the released CLIP text towers (docs/design.md §3, §9.2).
 pub const DEFAULT_CONTEXT_LENGTH: usize = 77;
 
-/// Pre-tokenisation regex of spec §3: special literals, contractions, letter runs, single
+/// Pre-tokenisation regex of docs/design.md §3: special literals, contractions, letter runs, single
 /// digits, runs of other non-space symbols.
 ///
 /// Python compiles it with `regex.IGNORECASE`, which matters only on already lower-cased text:
@@ -36,7 +36,7 @@ pub const DEFAULT_CONTEXT_LENGTH: usize = 77;
 const SPLIT_PATTERN: &str =
     r"(?i:<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}|[^\s\p{L}\p{N}\x{345}]+";
 
-/// The CLIP text tokenizer of spec §3 (OpenCLIP `SimpleTokenizer`, `clean='lower'`).
+/// The CLIP text tokenizer of docs/design.md §3 (OpenCLIP `SimpleTokenizer`, `clean='lower'`).
 ///
 /// Cloning is cheap (the vocabulary is shared behind an [`Arc`]); the type is `Send + Sync`.
 #[derive(Clone)]
@@ -51,7 +51,7 @@ struct Inner {
 }
 
 impl ClipTokenizer {
-    /// Builds the tokenizer from the built-in OpenAI-CLIP merges file (spec §3 steps 1-4).
+    /// Builds the tokenizer from the built-in OpenAI-CLIP merges file (docs/design.md §3 steps 1-4).
     ///
     /// # Panics
     /// Only if the merges asset compiled into the crate is corrupt, which cannot happen for the
@@ -62,7 +62,7 @@ impl ClipTokenizer {
         Self { inner: Arc::new(Inner { bpe, split }) }
     }
 
-    /// Cleans `text` and BPE-encodes it, without SOT/EOT (spec §3 "Text cleaning",
+    /// Cleans `text` and BPE-encodes it, without SOT/EOT (docs/design.md §3 "Text cleaning",
     /// "Pre-tokenisation regex", "BPE of one word"; Python `SimpleTokenizer.encode`).
     pub fn encode(&self, text: &str) -> Vec<i64> {
         let cleaned = clean::clean(text);
@@ -74,7 +74,7 @@ impl ClipTokenizer {
             .collect()
     }
 
-    /// Tokenizes a batch into rows of exactly `context_length` ids (spec §9.2):
+    /// Tokenizes a batch into rows of exactly `context_length` ids (docs/design.md §9.2):
     /// `[SOT] + encode(text) + [EOT]`, cut to `context_length` with the last id forced to EOT,
     /// then padded with [`PAD_TOKEN`].
     ///
@@ -85,7 +85,7 @@ impl ClipTokenizer {
         texts.iter().map(|text| self.row(text, length)).collect()
     }
 
-    /// Decodes ids back to text for debugging (inverse of spec §3's byte mapping; `</w>` becomes
+    /// Decodes ids back to text for debugging (inverse of docs/design.md §3's byte mapping; `</w>` becomes
     /// a space). SOT/EOT ids and the trailing padding of a row are skipped; a [`PAD_TOKEN`]
     /// inside the sequence is the vocabulary entry `!` and is kept.
     pub fn decode(&self, ids: &[i64]) -> String {
@@ -95,12 +95,12 @@ impl ClipTokenizer {
     }
 
     /// Vocabulary size, 49408 = 256 bytes + 256 end-of-word bytes + 48894 merges + 2 specials
-    /// (spec §3 step 3).
+    /// (docs/design.md §3 step 3).
     pub fn vocab_size(&self) -> usize {
         self.inner.bpe.vocab_size()
     }
 
-    /// One `context_length`-long row of spec §9.2.
+    /// One `context_length`-long row of docs/design.md §9.2.
     fn row(&self, text: &str, context_length: usize) -> Vec<i64> {
         let mut tokens = Vec::with_capacity(context_length.max(2));
         tokens.push(SOT_TOKEN);
@@ -116,7 +116,7 @@ impl ClipTokenizer {
 }
 
 impl Default for ClipTokenizer {
-    /// Same as [`ClipTokenizer::new`] (spec §3).
+    /// Same as [`ClipTokenizer::new`] (docs/design.md §3).
     fn default() -> Self {
         Self::new()
     }

@@ -1,4 +1,4 @@
-//! Atomic, resumable checkpoints shared by every trainer (spec §4: the run state a resumed run needs —
+//! Atomic, resumable checkpoints shared by every trainer (docs/design.md §4: the run state a resumed run needs —
 //! student, teacher, heads, optimiser moments, centres — plus the trainer's JSON state).
 //!
 //! A checkpoint is the folder `run_dir/checkpoints/step-<step:08>/` holding `tensors.safetensors` (every

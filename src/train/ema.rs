@@ -1,5 +1,5 @@
-//! The exponential moving average of a set of weights, shared by the DINO teacher (spec §4.4) and the
-//! DiT's EMA (spec §5.4, `update_ema`).
+//! The exponential moving average of a set of weights, shared by the DINO teacher (docs/design.md §4.4) and the
+//! DiT's EMA (docs/design.md §5.4, `update_ema`).
 
 use tch::Tensor;
 

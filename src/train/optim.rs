@@ -1,4 +1,4 @@
-//! The optimiser of every trainer (spec §4.5, "[VTP values not published — DINOv2 / OpenCLIP defaults]"):
+//! The optimiser of every trainer (docs/design.md §4.5, "[VTP values not published — DINOv2 / OpenCLIP defaults]"):
 //! DINOv2's parameter groups (`get_params_groups_with_decay` + `get_vit_lr_decay_rate`: layer-wise lr decay
 //! of the vision trunk, patch-embedding lr multiplier, last-layer flag) with OpenCLIP's weight-decay
 //! exclusions, AdamW as `torch.optim.AdamW(fused=True)` (ATen's fused kernel, one pass per tensor:
@@ -124,7 +124,7 @@ pub struct AdamWConfig {
 }
 
 impl Default for AdamWConfig {
-    /// DINOv2's AdamW settings (spec §4.5), fused.
+    /// DINOv2's AdamW settings (docs/design.md §4.5), fused.
     fn default() -> Self {
         Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, fused: true }
     }

@@ -1,4 +1,4 @@
-//! Per-step schedules of every trainer (spec §4.4–§4.5, [default DINOv2]): DINOv2's `CosineScheduler`
+//! Per-step schedules of every trainer (docs/design.md §4.4–§4.5, [default DINOv2]): DINOv2's `CosineScheduler`
 //! (`dinov2/utils/utils.py`, also shipped as `vtp/models/utils/utils.py`) reproduced in f64 exactly as
 //! numpy computes it, and DINOv2's `build_schedulers` set: learning rate (linear warm-up from 0, cosine to
 //! `min_lr`), weight decay (cosine), teacher EMA momentum (cosine), teacher temperature (linear warm-up,

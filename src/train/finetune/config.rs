@@ -1,4 +1,4 @@
-//! `vtp finetune-decoder`'s configuration (spec §4.7): the tokenizer to fine-tune, data, batch, the
+//! `vtp finetune-decoder`'s configuration (docs/design.md §4.7): the tokenizer to fine-tune, data, batch, the
 //! GAN loss, the two optimisers and the learning-rate schedule, on the shared sections of
 //! [`crate::train::config`].
 use crate::dist::DistConfig;
@@ -42,7 +42,7 @@ pub struct FinetuneBatchConfig {
     pub size: usize,
 }
 
-/// `[loss]`: `LPIPSWithDiscriminator`'s settings (spec §4.7).
+/// `[loss]`: `LPIPSWithDiscriminator`'s settings (docs/design.md §4.7).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct GanLossConfig {
@@ -173,7 +173,7 @@ impl FinetuneConfig {
     }
 
     /// `default`: the LDM recipe at 256 px for a released tokenizer; the step counts are this
-    /// project's choice (the paper publishes none, spec §4.7).
+    /// project's choice (the paper publishes none, docs/design.md §4.7).
     fn default_preset() -> Self {
         Self {
             preset: "default".into(),
@@ -277,7 +277,7 @@ impl FinetuneOptimConfig {
 }
 
 /// The first lines of `vtp finetune-decoder --print-config`.
-const FINETUNE_HEADER: &str = "# vtp finetune-decoder configuration (spec §4.7): the encoder and bottleneck are frozen, the pixel\n# decoder is trained with L1 + LPIPS + a PatchGAN (LDM `LPIPSWithDiscriminator`).\n";
+const FINETUNE_HEADER: &str = "# vtp finetune-decoder configuration (docs/design.md §4.7): the encoder and bottleneck are frozen, the pixel\n# decoder is trained with L1 + LPIPS + a PatchGAN (LDM `LPIPSWithDiscriminator`).\n";
 
 impl ConfigDocs for FinetuneConfig {
     fn section_key_doc(section: &str, key: &str) -> Option<&'static str> {

@@ -1,4 +1,4 @@
-//! The stage-2 adversarial loss (spec §4.7): the PatchGAN discriminator, its hinge loss, the
+//! The stage-2 adversarial loss (docs/design.md §4.7): the PatchGAN discriminator, its hinge loss, the
 //! generator term and the adaptive weight of LightningDiT's `LPIPSWithDiscriminator`
 //! (`vavae/ldm/modules/losses/contperceptual.py`, itself LDM's / taming-transformers' loss; the
 //! discriminator is taming's `NLayerDiscriminator`, `taming/modules/discriminator/model.py`).

@@ -1,4 +1,4 @@
-//! Stage 2, `vtp finetune-decoder` (spec §4.7): the visual tokenizer (encoder + bottleneck, hence the
+//! Stage 2, `vtp finetune-decoder` (docs/design.md §4.7): the visual tokenizer (encoder + bottleneck, hence the
 //! latent space) is frozen and only the pixel decoder is trained, with LightningDiT's / LDM's
 //! `LPIPSWithDiscriminator` objective ([`super::discriminator`]):
 //! `L_G = L1 + w_p·LPIPS + w·disc_factor·(−mean D(x̂))` on the decoder and the hinge loss on a
@@ -44,7 +44,7 @@ use tch::{nn, Kind, Tensor};
 /// Prefix of the trained parameters' official names: the pixel decoder.
 pub const DECODER_PREFIX: &str = "pixel_decoder.";
 
-/// The decoder's last layer, on which the adaptive weight is computed (spec §1.4: the final 1×1 conv).
+/// The decoder's last layer, on which the adaptive weight is computed (docs/design.md §1.4: the final 1×1 conv).
 pub const LAST_LAYER: &str = "pixel_decoder.proj_out.weight";
 
 /// The generator side of one step: its loss and named terms (scalars).

@@ -1,4 +1,4 @@
-//! Batch composition of a pre-training step (spec §4.2): every step draws `B` image–caption pairs;
+//! Batch composition of a pre-training step (docs/design.md §4.2): every step draws `B` image–caption pairs;
 //! all of them go to CLIP (OpenCLIP crop + caption tokens), an independent random subset of `B_ssl`
 //! images to SSL (DINOv2 multi-crop + iBOT masks, collated crop-major) and another of `B_rec` images
 //! to reconstruction (random square crop).

@@ -1,9 +1,9 @@
-//! The pre-training run's configuration (spec §4): one TOML file with a section per concern, the
+//! The pre-training run's configuration (docs/design.md §4): one TOML file with a section per concern, the
 //! presets (`tiny` for a 2-core CPU; `small`/`base`/`large` = the released architectures with the
 //! paper's recipe), dotted `key=value` overrides, and `--print-config` with a comment on every key.
 //!
 //! Where the paper is silent the DINOv2 / OpenCLIP defaults it names are used, and the key's comment
-//! says so (spec §4.5: VTP's own optimiser values are not published).
+//! says so (docs/design.md §4.5: VTP's own optimiser values are not published).
 use super::objectives::dino::TeacherCentering;
 use crate::config::VtpConfig;
 use crate::dist::DistConfig;
@@ -19,7 +19,7 @@ use documented::DocumentedFields;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// Which objectives a run trains: the paper's ablations (spec §4.8, Figures 5–6).
+/// Which objectives a run trains: the paper's ablations (docs/design.md §4.8, Figures 5–6).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Objectives {
     /// Reconstruction only (the AE baseline).
@@ -48,7 +48,7 @@ impl Objectives {
     }
 }
 
-/// `[data]`: where samples come from and the crop sizes of each branch (spec §4.2).
+/// `[data]`: where samples come from and the crop sizes of each branch (docs/design.md §4.2).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
@@ -73,7 +73,7 @@ pub struct DataConfig {
     pub recon_size: i64,
 }
 
-/// `[batch]`: images per step of each branch (spec §4.2: all `clip` pairs go to CLIP; `ssl` and
+/// `[batch]`: images per step of each branch (docs/design.md §4.2: all `clip` pairs go to CLIP; `ssl` and
 /// `recon` are independent random subsets of them).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
@@ -86,7 +86,7 @@ pub struct BatchConfig {
     pub recon: usize,
 }
 
-/// `[loss]`: weights and settings of the objectives (spec §4.1, §4.4, §4.6).
+/// `[loss]`: weights and settings of the objectives (docs/design.md §4.1, §4.4, §4.6).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct LossConfig {
@@ -100,7 +100,7 @@ pub struct LossConfig {
     pub dino_weight: f64,
     /// iBOT masked-patch loss weight inside L_ssl [DINOv2: 1].
     pub ibot_weight: f64,
-    /// KoLeo weight inside L_ssl, 0 = off [DINOv2: 0.1; the paper names no KoLeo, spec §4.4 conflict 7].
+    /// KoLeo weight inside L_ssl, 0 = off [DINOv2: 0.1; the paper names no KoLeo, docs/design.md §4.4 conflict 7].
     pub koleo_weight: f64,
     /// Use LPIPS-VGG in L_rec (needs its weight files; without them no LPIPS term, said once and recorded).
     pub lpips: bool,
@@ -132,7 +132,7 @@ fn merge_by_default() -> bool {
     true
 }
 
-/// `[dino_head]`: the DINO head shared by DINO and iBOT (spec §4.4).
+/// `[dino_head]`: the DINO head shared by DINO and iBOT (docs/design.md §4.4).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct DinoHeadConfig {
@@ -144,7 +144,7 @@ pub struct DinoHeadConfig {
     pub bottleneck_dim: i64,
 }
 
-/// `[optim]`: AdamW, its parameter groups and gradient clipping (spec §4.5).
+/// `[optim]`: AdamW, its parameter groups and gradient clipping (docs/design.md §4.5).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, DocumentedFields)]
 #[serde(deny_unknown_fields)]
 pub struct OptimConfig {
@@ -171,7 +171,7 @@ pub struct OptimConfig {
 pub struct PretrainConfig {
     /// The preset these defaults come from: tiny (2-core CPU), small, base, large (released architectures).
     pub preset: String,
-    /// Objectives trained: "ae", "clip+ae", "ssl+ae" or "all" (the paper's ablations, spec §4.8).
+    /// Objectives trained: "ae", "clip+ae", "ssl+ae" or "all" (the paper's ablations, docs/design.md §4.8).
     pub objectives: Objectives,
     /// `[train]`: length, seed and failure handling.
     pub train: TrainConfig,
@@ -199,7 +199,7 @@ pub struct PretrainConfig {
     /// `[debug]`: fault injection.
     #[serde(default)]
     pub debug: DebugConfig,
-    /// `[model]`: the `VTPConfig` of the tokenizer being trained (spec §2.1).
+    /// `[model]`: the `VTPConfig` of the tokenizer being trained (docs/design.md §2.1).
     pub model: VtpConfig,
 }
 
@@ -294,13 +294,13 @@ impl PretrainConfig {
         }
     }
 
-    /// `small` / `base` / `large`: the released architecture (spec §2.2) with the paper's batch
-    /// split and loss weights and the DINOv2 / OpenCLIP defaults where VTP's are unpublished (spec §4.5).
+    /// `small` / `base` / `large`: the released architecture (docs/design.md §2.2) with the paper's batch
+    /// split and loss weights and the DINOv2 / OpenCLIP defaults where VTP's are unpublished (docs/design.md §4.5).
     fn released(name: &str) -> Result<Self> {
         Ok(Self {
             preset: name.into(),
             objectives: Objectives::All,
-            // 1.1B samples at a 16k CLIP batch (spec §4.5, §4.8).
+            // 1.1B samples at a 16k CLIP batch (docs/design.md §4.5, §4.8).
             train: TrainConfig::new(67_000, false, 20),
             data: DataConfig {
                 source: "synthetic:train".into(),
@@ -435,10 +435,10 @@ const TINY_CHOICES: &str = "\
 ";
 
 /// The first lines of `vtp pretrain --print-config`.
-const PRETRAIN_HEADER: &str = "# vtp pretrain configuration (spec §4). Defaults marked [DINOv2] / [OpenCLIP] are\n# those libraries' values: the paper does not publish VTP's.\n";
+const PRETRAIN_HEADER: &str = "# vtp pretrain configuration (docs/design.md §4). Defaults marked [DINOv2] / [OpenCLIP] are\n# those libraries' values: the paper does not publish VTP's.\n";
 
 impl LossConfig {
-    /// The paper's weights (λ_rec 0.1, λ_ssl = λ_clip = 1) and DINOv2's SSL settings (spec §4.1, §4.4).
+    /// The paper's weights (λ_rec 0.1, λ_ssl = λ_clip = 1) and DINOv2's SSL settings (docs/design.md §4.1, §4.4).
     fn paper() -> Self {
         Self {
             lambda_rec: 0.1,
@@ -466,7 +466,7 @@ impl OptimConfig {
         AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, fused: self.fused }
     }
 
-    /// DINOv2's AdamW settings (spec §4.5), fused.
+    /// DINOv2's AdamW settings (docs/design.md §4.5), fused.
     fn dinov2() -> Self {
         Self {
             beta1: 0.9,

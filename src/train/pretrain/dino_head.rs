@@ -1,4 +1,4 @@
-//! The DINO head shared by the DINO (CLS) and iBOT (patch) losses (spec §4.4; VTP's
+//! The DINO head shared by the DINO (CLS) and iBOT (patch) losses (docs/design.md §4.4; VTP's
 //! `vtp/models/heads/dino_head.py` = DINOv2's `DINOHead`): a 3-layer MLP
 //! `Linear(in, hidden) → GELU → Linear(hidden, hidden) → GELU → Linear(hidden, bottleneck)`,
 //! `F.normalize(dim=-1, eps=1e-12)`, then the weight-normalised `last_layer`

@@ -1,4 +1,4 @@
-//! Stage 1, `vtp pretrain` (spec §4.1–§4.5): the student (the VTP tokenizer + the DINO head), its EMA
+//! Stage 1, `vtp pretrain` (docs/design.md §4.1–§4.5): the student (the VTP tokenizer + the DINO head), its EMA
 //! teacher, and one optimisation step of
 //! `L = λ_rec·(L1 + LPIPS) + λ_ssl·(L_dino + L_ibot + w_koleo·L_koleo) + λ_clip·L_clip`.
 //!
@@ -157,7 +157,7 @@ impl Pretrainer {
         Ok(proj.forward(&feat))
     }
 
-    /// `L_clip`: InfoNCE (or SigLIP when the model has a logit bias) over the whole batch (spec §4.6):
+    /// `L_clip`: InfoNCE (or SigLIP when the model has a logit bias) over the whole batch (docs/design.md §4.6):
     /// over several processes, this rank's pairs against every rank's features gathered with gradients.
     /// The towers run in the run's precision, the normalised features and the loss in f32.
     fn clip_loss(&self, f: &Features, tokens: &Tensor) -> Result<Tensor> {
@@ -185,7 +185,7 @@ impl Pretrainer {
         })
     }
 
-    /// The SSL terms (spec §4.4), each with its weight inside `L_ssl`: DINO on CLS tokens (teacher
+    /// The SSL terms (docs/design.md §4.4), each with its weight inside `L_ssl`: DINO on CLS tokens (teacher
     /// crops swapped), iBOT on the masked patches, KoLeo on the student's global-crop CLS tokens
     /// (pre-head); and the mean entropy of the DINO and iBOT teacher targets (diagnostics).
     fn ssl_losses(

@@ -1,4 +1,4 @@
-//! The EMA teacher of the SSL objectives (spec §4.4; VTP's legacy `vtp/models/vtp.py`
+//! The EMA teacher of the SSL objectives (docs/design.md §4.4; VTP's legacy `vtp/models/vtp.py`
 //! `update_teacher`): a copy of the student's trunk, CLIP projection (`teacher_proj`, unused by the
 //! losses) and DINO head, updated after every step as `θ_t ← m·θ_t + (1 − m)·θ_s`, never by gradients.
 use super::config::DinoHeadConfig;

@@ -1,4 +1,4 @@
-//! Image–text contrastive losses (spec §4.6; OpenCLIP `open_clip/loss.py`, world size 1).
+//! Image–text contrastive losses (docs/design.md §4.6; OpenCLIP `open_clip/loss.py`, world size 1).
 //!
 //! CLIP InfoNCE (`ClipLoss`): `logits_per_image = s · I Tᵀ`, `logits_per_text = s · T Iᵀ` (its own matmul),
 //! `L = (CE(logits_per_image, arange B) + CE(logits_per_text, arange B)) / 2` with mean cross-entropy and the

@@ -1,4 +1,4 @@
-//! DINO self-distillation on CLS tokens (spec §4.4; DINOv2 `dinov2/loss/dino_clstoken_loss.py::DINOLoss` and
+//! DINO self-distillation on CLS tokens (docs/design.md §4.4; DINOv2 `dinov2/loss/dino_clstoken_loss.py::DINOLoss` and
 //! the composition in `dinov2/train/ssl_meta_arch.py::forward_backward`).
 //!
 //! Cross-entropy between teacher targets `t` and student logits `s`:

@@ -1,5 +1,6 @@
-//! iBOT masked-image modelling on patch tokens (spec §4.4; DINOv2 `dinov2/loss/ibot_patch_loss.py::iBOTPatchLoss`,
-//! torch fallback without xformers, and its use in `ssl_meta_arch.forward_backward`).
+//! iBOT masked-image modelling on patch tokens (docs/design.md §4.4; DINOv2
+//! `dinov2/loss/ibot_patch_loss.py::iBOTPatchLoss`, torch fallback without xformers, and its use in
+//! `ssl_meta_arch.forward_backward`).
 //!
 //! Over the `M` masked patches of the global crops, with per-patch weights `w_i = 1 / max(masked count of its
 //! image, 1)`: `L = -Σ_i w_i · Σ_k t_ik · log_softmax(s_i / T_s)_k / n_images`, where `n_images` is the number of

@@ -1,4 +1,4 @@
-//! KoLeo spreading regulariser (spec §4.4; DINOv2 `dinov2/loss/koleo_loss.py::KoLeoLoss`, Sablayrolles et al.
+//! KoLeo spreading regulariser (docs/design.md §4.4; DINOv2 `dinov2/loss/koleo_loss.py::KoLeoLoss`, Sablayrolles et al.
 //! 2019), applied per global crop to the student's pre-head CLS tokens with weight 0.1 (the trainer's).
 //!
 //! `x ← x / max(‖x‖, ε)`, nearest neighbour `I_i = argmax_{j ≠ i} x_i·x_j`, `d_i = ‖x_i - x_{I_i} + ε‖₂`

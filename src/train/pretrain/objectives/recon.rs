@@ -1,4 +1,4 @@
-//! Reconstruction loss `L_rec = L1 + LPIPS (+ w_2·L2)` (spec §4.1; the trainer applies `λ_rec = 0.1`).
+//! Reconstruction loss `L_rec = L1 + LPIPS (+ w_2·L2)` (docs/design.md §4.1; the trainer applies `λ_rec = 0.1`).
 //!
 //! The model's inputs and outputs are ImageNet-normalised. `L1 = mean |x - x'|` and `L2 = mean (x - x')²`
 //! are taken on those normalised tensors, as the model sees them; LPIPS-VGG ([`Lpips`]) is taken on the

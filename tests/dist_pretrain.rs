@@ -73,8 +73,7 @@ fn rank_batch(config: &PretrainConfig, rank: usize) -> PretrainBatch {
         .unwrap();
     let c = config;
     let half = BatchConfig { clip: c.batch.clip / 2, ssl: c.batch.ssl / 2, recon: c.batch.recon / 2 };
-    let builder =
-        BatchBuilder::new(&c.data, &half, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
+    let builder = BatchBuilder::new(c, &half);
     builder.build(&samples[rank * 4..rank * 4 + 4], &mut ChaCha8Rng::seed_from_u64(7 + rank as u64))
 }
 

@@ -47,8 +47,7 @@ fn fixed_batch(c: &PretrainConfig) -> PretrainBatch {
     let spec = format!("synthetic:train?n={N}&res=64");
     let samples: Vec<Sample> =
         source::open(&spec, &StreamOptions::default()).unwrap().collect::<anyhow::Result<_>>().unwrap();
-    let builder =
-        BatchBuilder::new(&c.data, &c.batch, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
+    let builder = BatchBuilder::new(c, &c.batch);
     builder.build(&samples, &mut ChaCha8Rng::seed_from_u64(3))
 }
 

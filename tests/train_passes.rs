@@ -3,15 +3,9 @@
 //! (the bound for a batched path). Exact agreement with PyTorch doing the same merge is
 //! `tests/train_step_parity.rs`'s.
 mod common;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
-use vtp::data::source;
-use vtp::data::stream::StreamOptions;
-use vtp::data::Sample;
 use vtp::model::VtpModel;
-use vtp::train::pretrain::batch::{BatchBuilder, PretrainBatch};
 use vtp::train::pretrain::config::PretrainConfig;
 use vtp::train::pretrain::objectives::recon::ReconLoss;
 use vtp::train::pretrain::passes::{run_trunk_passes, TrunkPass};
@@ -38,17 +32,6 @@ fn config(merge: bool) -> PretrainConfig {
     PretrainConfig::load("tiny", None, &overrides).unwrap()
 }
 
-fn batch(config: &PretrainConfig) -> PretrainBatch {
-    let samples: Vec<Sample> = source::open("synthetic:train?n=8&res=64", &StreamOptions::default())
-        .unwrap()
-        .collect::<anyhow::Result<_>>()
-        .unwrap();
-    let c = config;
-    let builder =
-        BatchBuilder::new(&c.data, &c.batch, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
-    builder.build(&samples, &mut ChaCha8Rng::seed_from_u64(5))
-}
-
 /// `‖a − b‖ / ‖b‖` in f64 (0 when equal).
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size());
@@ -68,7 +51,7 @@ fn merged_trunk_passes_give_each_objective_its_own_features() {
     let c = config(true);
     tch::manual_seed(0);
     let model = VtpModel::new(c.model.clone(), Device::Cpu).unwrap();
-    let b = batch(&c);
+    let b = common::pretrain_batch(&c, 5);
     let ssl = b.ssl.as_ref().unwrap();
     assert!(ssl.masks.masks.any().int64_value(&[]) == 1, "some patches are masked");
     let pass = |images, masks, bottleneck| TrunkPass { images, masks, drop_path: 0.0, bottleneck };
@@ -100,7 +83,8 @@ fn a_step_with_merged_trunk_passes_matches_one_pass_per_objective() {
         let single = vtp::dist::DataParallel::single().into();
         let mut trainer = Pretrainer::new(c.clone(), ReconLoss::new(None), Device::Cpu, single).unwrap();
         let sv = Schedules::new(&c.schedule, c.train.steps).unwrap().at(60);
-        let (losses, grad_norm, skipped) = tch::with_grad(|| trainer.step(&batch(&c), &sv, false)).unwrap();
+        let (losses, grad_norm, skipped) =
+            tch::with_grad(|| trainer.step(&common::pretrain_batch(&c, 5), &sv, false)).unwrap();
         assert!(!skipped);
         let mut scalars: Vec<(String, f64)> =
             losses.terms.iter().map(|(n, t)| (n.to_string(), t.double_value(&[]))).collect();

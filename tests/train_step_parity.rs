@@ -21,17 +21,12 @@
 //! that into ~3e-5 on `attn.qkv.bias` (whose true gradient is zero), past the bound.
 mod common;
 use common::s;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
-use vtp::data::source;
-use vtp::data::stream::StreamOptions;
-use vtp::data::Sample;
 use vtp::io::{read_safetensors_map, write_safetensors};
-use vtp::train::pretrain::batch::{BatchBuilder, PretrainBatch};
+use vtp::train::pretrain::batch::PretrainBatch;
 use vtp::train::pretrain::config::PretrainConfig;
 use vtp::train::pretrain::objectives::recon::ReconLoss;
 use vtp::train::pretrain::Pretrainer;
@@ -55,18 +50,6 @@ const OVERRIDES: &[&str] = &[
     "optim.layer_decay=0.9",
     "optim.patch_embed_lr_mult=0.2",
 ];
-
-/// Eight synthetic samples and the step's batch built from them.
-fn batch(config: &PretrainConfig) -> PretrainBatch {
-    let samples: Vec<Sample> = source::open("synthetic:train?n=8&res=64", &StreamOptions::default())
-        .unwrap()
-        .collect::<anyhow::Result<_>>()
-        .unwrap();
-    let c = config;
-    let builder =
-        BatchBuilder::new(&c.data, &c.batch, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
-    builder.build(&samples, &mut ChaCha8Rng::seed_from_u64(3))
-}
 
 /// The batch's tensors under the names `pytorch_pretrain.py` reads.
 fn batch_tensors(b: &PretrainBatch) -> Vec<(String, Tensor)> {
@@ -166,7 +149,7 @@ fn steps_match_pytorch(centering: &str, steps: &[u64], extra: &[&str]) {
     tch::manual_seed(11);
     trainer.dino.center = trainer.dino.center.randn_like() * 0.1;
     trainer.ibot.center = trainer.ibot.center.randn_like() * 0.1;
-    let batch = batch(&config);
+    let batch = common::pretrain_batch(&config, 3);
     let masked = batch.ssl.as_ref().unwrap().masks.mask_indices_list.size()[0];
     assert!(masked > 0, "the batch has masked patches");
     let schedules = Schedules::new(&config.schedule, config.train.steps).unwrap();

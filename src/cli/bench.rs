@@ -169,9 +169,7 @@ fn synthetic_batch(config: &PretrainConfig, sizes: &BatchConfig, seed: u64, rank
     let spec = format!("synthetic:train?n={}&res={res}", config.batch.clip);
     let samples: Vec<Sample> = source::open(&spec, &StreamOptions::default())?.collect::<Result<_>>()?;
     let mine = &samples[rank * sizes.clip..(rank + 1) * sizes.clip];
-    let c = config;
-    let builder =
-        BatchBuilder::new(&c.data, sizes, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
+    let builder = BatchBuilder::new(config, sizes);
     Ok(builder.build(mine, &mut ChaCha8Rng::seed_from_u64(seed + rank as u64)))
 }
 

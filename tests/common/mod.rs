@@ -257,3 +257,19 @@ pub fn torch_generator() -> std::sync::MutexGuard<'static, ()> {
     static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
     GENERATOR.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+/// The pre-training batch of eight synthetic 64² training scenes under `config`, its draws from
+/// `seed`.
+pub fn pretrain_batch(
+    config: &vtp::train::pretrain::config::PretrainConfig,
+    seed: u64,
+) -> vtp::train::pretrain::batch::PretrainBatch {
+    use rand::SeedableRng;
+    let options = vtp::data::stream::StreamOptions::default();
+    let samples: Vec<vtp::data::Sample> = vtp::data::source::open("synthetic:train?n=8&res=64", &options)
+        .unwrap()
+        .collect::<anyhow::Result<_>>()
+        .unwrap();
+    let builder = vtp::train::pretrain::batch::BatchBuilder::new(config, &config.batch);
+    builder.build(&samples, &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+}

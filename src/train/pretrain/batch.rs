@@ -2,7 +2,7 @@
 //! all of them go to CLIP (OpenCLIP crop + caption tokens), an independent random subset of `B_ssl`
 //! images to SSL (DINOv2 multi-crop + iBOT masks, collated crop-major) and another of `B_rec` images
 //! to reconstruction (random square crop).
-use super::config::{BatchConfig, DataConfig, Objectives};
+use super::config::{BatchConfig, Objectives, PretrainConfig};
 use crate::data::augment::{Augment, ClipCrop, DinoMultiCrop, ReconCrop};
 use crate::data::masking::{collate_masks, MaskBatch, MaskingGenerator};
 use crate::data::Sample;
@@ -115,14 +115,11 @@ pub struct BatchBuilder {
 }
 
 impl BatchBuilder {
-    /// The builder of `data`'s crop sizes, `sizes` and `objectives`, for patch size `patch`.
-    pub fn new(
-        data: &DataConfig,
-        sizes: &BatchConfig,
-        objectives: Objectives,
-        patch: i64,
-        context_length: i64,
-    ) -> Self {
+    /// The builder of `config`'s crops, masks, objectives and text context for batches of `sizes`
+    /// (this rank's share of `config.batch`).
+    pub fn new(config: &PretrainConfig, sizes: &BatchConfig) -> Self {
+        let (data, objectives) = (&config.data, config.objectives);
+        let (patch, context_length) = (config.model.vision_patch_size, config.model.text_context_length);
         Self {
             clip: ClipCrop::new(data.clip_size),
             multicrop: DinoMultiCrop::dinov2(data.global_size, data.local_size, data.n_local_crops),

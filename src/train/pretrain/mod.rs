@@ -421,8 +421,7 @@ impl PretrainRun {
         )?;
         let c = &config;
         let sizes = local_batch(&c.batch, &dp)?;
-        let builder =
-            BatchBuilder::new(&c.data, &sizes, c.objectives, c.model.vision_patch_size, c.model.text_context_length);
+        let builder = BatchBuilder::new(c, &sizes);
         let rank_seed = dp.rank_seed(c.train.seed);
         let build = move |step: u64, samples: &[Sample]| {
             builder.build(samples, &mut ChaCha8Rng::seed_from_u64(step_seed(rank_seed, step)))

@@ -78,7 +78,7 @@ pub fn read_safetensors_map(path: &Path) -> Result<HashMap<String, Tensor>> {
 }
 
 /// Raw little-endian bytes of a tensor (moved to the CPU, made contiguous).
-fn tensor_bytes(t: &Tensor) -> Vec<u8> {
+pub fn tensor_bytes(t: &Tensor) -> Vec<u8> {
     let flat = t.to_device(Device::Cpu).contiguous().reshape([-1]).view_dtype(Kind::Uint8);
     Vec::<u8>::try_from(&flat).expect("a uint8 CPU tensor converts to bytes")
 }

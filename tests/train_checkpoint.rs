@@ -1,10 +1,14 @@
 //! Checkpoint files (`vtp::train::checkpoint`): save / latest / load round trip with values and dtypes
 //! kept, `keep_last` pruning, temporary folders of interrupted saves ignored, one-line errors naming a
-//! corrupt file or the missing / mis-shaped tensors of a restore.
+//! corrupt file or the missing / mis-shaped tensors of a restore; checksums that catch a flipped byte,
+//! and `--resume` past a truncated, bit-flipped or incomplete newest checkpoint.
+mod common;
+use common::s;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 use tch::{Device, Kind, Tensor};
-use vtp::train::checkpoint::{latest, load, restore_into, save, STATE_FILE, TENSORS_FILE};
+use vtp::train::checkpoint::{latest, load, load_newest_intact, restore_into, save, STATE_FILE, TENSORS_FILE};
 
 fn tensors() -> Vec<(String, Tensor)> {
     vec![
@@ -135,4 +139,195 @@ fn long_restore_errors_stay_short() {
     let live: Vec<(String, Tensor)> = (0..10).map(|i| (format!("p{i}"), Tensor::from(0.0f32))).collect();
     let err = restore_into(&live, &HashMap::new(), "").unwrap_err().to_string();
     assert!(err.contains("missing [p0, p1, p2, p3, p4, p5, p6, p7 (+2 more)]"), "{err}");
+}
+
+/// Flips one bit of byte `at` (counted from the end when negative) of the file `path`.
+fn flip_byte(path: &Path, at: i64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let i = if at < 0 { bytes.len() - at.unsigned_abs() as usize } else { at as usize };
+    bytes[i] ^= 0x10;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Cuts the file `path` to half its length.
+fn truncate(path: &Path) {
+    let bytes = std::fs::read(path).unwrap();
+    std::fs::write(path, &bytes[..bytes.len() / 2]).unwrap();
+}
+
+/// `load(dir)`'s error, asserted to be one line.
+fn load_error(dir: &Path) -> String {
+    let err = format!("{:#}", load(dir).unwrap_err());
+    assert!(!err.contains('\n'), "{err}");
+    err
+}
+
+#[test]
+fn a_flipped_byte_in_a_tensor_or_the_state_fails_its_checksum() {
+    let run = tempfile::tempdir().unwrap();
+    let dir = save(run.path(), 1, &tensors(), &state(1), 3).unwrap();
+    let original = std::fs::read(dir.join(TENSORS_FILE)).unwrap();
+    // The last byte of the file is tensor data: still a valid safetensors file, caught by its checksum.
+    flip_byte(&dir.join(TENSORS_FILE), -1);
+    assert!(vtp::io::read_safetensors(&dir.join(TENSORS_FILE)).is_ok(), "the flip leaves the file parsable");
+    let err = load_error(&dir);
+    assert!(err.contains("checksum mismatch in tensor '") && err.contains(TENSORS_FILE), "{err}");
+    std::fs::write(dir.join(TENSORS_FILE), original).unwrap();
+    load(&dir).unwrap();
+    // "offset": 42 -> 43 is still valid JSON.
+    let text = std::fs::read_to_string(dir.join(STATE_FILE)).unwrap();
+    std::fs::write(dir.join(STATE_FILE), text.replace("42", "43")).unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("checksum mismatch in '") && err.contains(&dir.join(STATE_FILE).display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_checkpoint_written_before_checksums_still_loads() {
+    let run = tempfile::tempdir().unwrap();
+    let dir = save(run.path(), 1, &tensors(), &state(1), 3).unwrap();
+    vtp::io::write_safetensors(&dir.join(TENSORS_FILE), &tensors(), &[("format", "pt")]).unwrap();
+    let (loaded, json) = load(&dir).unwrap();
+    assert_eq!(json, state(1));
+    for (name, t) in tensors() {
+        assert!(loaded[&name].equal(&t), "{name}");
+    }
+}
+
+#[test]
+fn the_newest_intact_checkpoint_is_found_past_corrupt_ones() {
+    let run = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (1..=3).map(|step| save(run.path(), step, &tensors(), &state(step), 0).unwrap()).collect();
+    truncate(&dirs[2].join(TENSORS_FILE));
+    std::fs::remove_file(dirs[1].join(STATE_FILE)).unwrap();
+    let found = load_newest_intact(run.path()).unwrap();
+    assert_eq!((found.dir.as_path(), &found.state), (dirs[0].as_path(), &state(1)));
+    let unreadable: Vec<&PathBuf> = found.unreadable.iter().map(|(dir, _)| dir).collect();
+    assert_eq!(unreadable, [&dirs[2], &dirs[1]], "newest first");
+    assert!(format!("{:#}", found.unreadable[1].1).contains(STATE_FILE));
+    // None intact: one line naming each, and every folder is left in place.
+    flip_byte(&dirs[0].join(TENSORS_FILE), -1);
+    let err = format!("{:#}", load_newest_intact(run.path()).err().unwrap());
+    assert!(!err.contains('\n') && err.starts_with("no intact checkpoint under"), "{err}");
+    assert!(dirs.iter().all(|d| err.contains(&d.display().to_string()) && d.is_dir()), "{err}");
+    assert_eq!(checkpoint_names(run.path()), ["step-00000001", "step-00000002", "step-00000003"]);
+    let empty = tempfile::tempdir().unwrap();
+    let err = load_newest_intact(empty.path()).err().unwrap().to_string();
+    assert!(err.starts_with("no checkpoint under"), "{err}");
+}
+
+#[test]
+fn a_save_never_prunes_the_checkpoint_it_wrote() {
+    // A run resumed at step 2 past a corrupt step 3 saves step 2 again while step 3 is the newest.
+    let run = tempfile::tempdir().unwrap();
+    save(run.path(), 3, &tensors(), &state(3), 1).unwrap();
+    save(run.path(), 2, &tensors(), &state(2), 1).unwrap();
+    assert_eq!(checkpoint_names(run.path()), ["step-00000002", "step-00000003"]);
+}
+
+/// `vtp pretrain --preset tiny` shrunk to seconds a run: 6 steps, a checkpoint every 2, 3 kept.
+const SMALL_RUN: &[&str] = &[
+    "model.vision_depth=1",
+    "data.global_size=32",
+    "data.local_size=16",
+    "schedule.warmup_steps=1",
+    "schedule.warmup_teacher_temp_steps=1",
+    "schedule.freeze_last_layer_steps=0",
+    "eval.every=0",
+    "eval.grid_every=0",
+    "log.every=1",
+    "train.steps=6",
+    "checkpoint.every=2",
+    "checkpoint.keep=3",
+];
+
+/// `vtp pretrain` of [`SMALL_RUN`] into `run`, then `extra`.
+fn pretrain(run: &Path, extra: &[&str]) -> Output {
+    let args = [&["pretrain", "--preset", "tiny", "--out", s(run)][..], common::PRETRAIN_STEP_SMALL, SMALL_RUN, extra];
+    common::vtp(&args.concat())
+}
+
+/// A [`SMALL_RUN`] stopped after 4 steps (checkpoints at steps 2 and 4) in `dir/name`.
+fn stopped_run(dir: &Path, name: &str) -> PathBuf {
+    let run = dir.join(name);
+    common::assert_success(&pretrain(&run, &["--stop-after", "4"]), "vtp pretrain --stop-after 4");
+    assert_eq!(checkpoint_names(&run), ["step-00000002", "step-00000004"]);
+    run
+}
+
+/// A copy of the run folder `run` at `to`.
+fn copy_run(run: &Path, to: &Path) -> PathBuf {
+    let o = std::process::Command::new("cp").args(["-a", s(run), s(to)]).output().unwrap();
+    common::assert_success(&o, "cp -a");
+    to.to_path_buf()
+}
+
+/// The steps that logged `loss/total` in a run's metrics, in order.
+fn logged_steps(run: &Path) -> Vec<u64> {
+    let records = vtp::train::metrics::read_jsonl(&run.join("metrics.jsonl")).unwrap();
+    records.iter().filter(|r| r.contains_key("loss/total")).filter_map(|r| r["step"].as_u64()).collect()
+}
+
+#[test]
+fn resume_continues_from_the_newest_intact_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stopped = stopped_run(tmp.path(), "stopped");
+    // The intact run resumes at step 4; the final model of every resume below must equal its.
+    let intact = copy_run(&stopped, &tmp.path().join("intact"));
+    common::assert_success(&pretrain(&intact, &["--resume"]), "resume of the intact run");
+    let expected = vtp::io::read_safetensors(&intact.join("model/model.safetensors")).unwrap();
+    let newest = |run: &Path| run.join("checkpoints/step-00000004");
+    let data_middle = |path: &Path| {
+        let bytes = std::fs::read(path).unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        (8 + header + bytes.len()) as i64 / 2
+    };
+    let faults: [(&str, &str, &dyn Fn(&Path)); 3] = [
+        ("truncated", "not a valid safetensors file", &|dir| truncate(&dir.join(TENSORS_FILE))),
+        ("bit-flipped", "checksum mismatch in tensor", &|dir| {
+            let path = dir.join(TENSORS_FILE);
+            flip_byte(&path, data_middle(&path))
+        }),
+        ("missing-file", "cannot read", &|dir| std::fs::remove_file(dir.join(TENSORS_FILE)).unwrap()),
+    ];
+    for (name, problem, corrupt) in faults {
+        let run = copy_run(&stopped, &tmp.path().join(name));
+        corrupt(&newest(&run));
+        let o = pretrain(&run, &["--resume"]);
+        common::assert_success(&o, &format!("resume past a {name} checkpoint"));
+        let err = common::stderr(&o);
+        let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning: checkpoint")).collect();
+        assert_eq!(warnings.len(), 1, "{name}: one line: {err}");
+        let line = warnings[0];
+        let named = line.contains(&newest(&run).display().to_string()) && line.contains(problem);
+        assert!(named && line.ends_with("; resuming from step 2"), "{name}: {line}");
+        assert_eq!(logged_steps(&run), (1..=6).collect::<Vec<_>>(), "{name}: steps 3 and 4 re-run once");
+        let model = vtp::io::read_safetensors(&run.join("model/model.safetensors")).unwrap();
+        assert_eq!(model.len(), expected.len());
+        for ((n, a), (_, b)) in model.iter().zip(&expected) {
+            assert!(a.equal(b), "{name}: {n} differs from the run resumed at step 4");
+        }
+        assert_eq!(checkpoint_names(&run), ["step-00000002", "step-00000004", "step-00000006"], "{name}");
+    }
+}
+
+#[test]
+fn resume_with_no_intact_checkpoint_is_a_one_line_error_that_deletes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = stopped_run(tmp.path(), "run");
+    truncate(&run.join("checkpoints/step-00000004").join(TENSORS_FILE));
+    std::fs::remove_file(run.join("checkpoints/step-00000002").join(STATE_FILE)).unwrap();
+    // Every file of the run with its MD5 sum, sorted.
+    let files = |run: &Path| {
+        let o = std::process::Command::new("find").args([s(run), "-type", "f", "-exec", "md5sum", "{}", "+"]).output();
+        let mut lines: Vec<String> = String::from_utf8_lossy(&o.unwrap().stdout).lines().map(String::from).collect();
+        lines.sort();
+        lines
+    };
+    let before = files(&run);
+    let o = pretrain(&run, &["--resume"]);
+    common::assert_run_error(&o, &["--resume: no intact checkpoint", "step-00000002", "step-00000004"]);
+    assert_eq!(files(&run), before, "nothing is written or deleted");
 }

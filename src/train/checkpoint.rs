@@ -5,9 +5,15 @@
 //! named tensor the trainer passes) and `state.json`. It is written in a temporary sibling folder, whose
 //! files and folder are fsynced, then renamed into place and the parent fsynced: a crash at any point
 //! leaves the earlier checkpoints intact and never a half-written folder under a final name.
+//!
+//! The header metadata of `tensors.safetensors` carries [`Checksums`] (CRC-32C) of every tensor and of
+//! `state.json`, verified by [`load`], so a truncated, bit-flipped or incomplete checkpoint is detected;
+//! [`load_newest_intact`] then falls back to the newest checkpoint that reads back intact.
 use anyhow::{bail, Context, Result};
-use std::collections::{HashMap, HashSet};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
@@ -19,6 +25,66 @@ pub const STATE_FILE: &str = "state.json";
 const TEMP_PREFIX: &str = ".tmp-";
 /// Name prefix of a checkpoint being replaced by a new save of the same step.
 const OLD_PREFIX: &str = ".old-";
+/// Key of the [`Checksums`] (as JSON) in the tensors file's header metadata.
+const CHECKSUMS_KEY: &str = "crc32c";
+
+/// CRC-32C checksums of a checkpoint's contents. CRC-32C (Castagnoli) is the checksum storage systems
+/// use against the same failure (iSCSI, ext4 metadata, TFRecord, cloud object stores): it catches every
+/// error burst up to 32 bits and any other corruption but with odds 2^-32, runs on the CPU's CRC
+/// instruction, and is already the crate's TensorBoard checksum. One per tensor lets a mismatch name
+/// the tensor.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Checksums {
+    /// Of each tensor: its dtype and shape, then its bytes.
+    tensors: BTreeMap<String, u32>,
+    /// Of the bytes of `state.json`.
+    state: u32,
+}
+
+impl Checksums {
+    /// The checksums of `tensors` and of the `state.json` bytes `state`.
+    fn of<'a>(tensors: impl Iterator<Item = (&'a String, &'a Tensor)>, state: &[u8]) -> Self {
+        Self { tensors: tensors.map(|(name, t)| (name.clone(), tensor_crc(t))).collect(), state: crc32c::crc32c(state) }
+    }
+
+    /// Checks `computed` (from the files of `dir` as read) against these stored checksums: the first
+    /// difference is a one-line error naming the file (and tensor).
+    fn verify(&self, computed: &Self, dir: &Path) -> Result<()> {
+        if self.state != computed.state {
+            bail!("checksum mismatch in '{}'", dir.join(STATE_FILE).display());
+        }
+        let tensors_path = dir.join(TENSORS_FILE);
+        if !self.tensors.keys().eq(computed.tensors.keys()) {
+            bail!("'{}' does not hold the tensors its checksums list", tensors_path.display());
+        }
+        match self.tensors.iter().find(|(name, crc)| computed.tensors[*name] != **crc) {
+            Some((name, _)) => bail!("checksum mismatch in tensor '{name}' of '{}'", tensors_path.display()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// CRC-32C of a tensor's dtype and shape, then of its bytes.
+fn tensor_crc(t: &Tensor) -> u32 {
+    let layout = crc32c::crc32c(format!("{:?}{:?}", t.kind(), t.size()).as_bytes());
+    crc32c::crc32c_append(layout, &crate::io::tensor_bytes(t))
+}
+
+/// The [`Checksums`] in the header metadata of the tensors file `path` (already read as a valid
+/// safetensors file); `None` for a checkpoint written before checksums.
+fn stored_checksums(path: &Path) -> Result<Option<Checksums>> {
+    let bad = || format!("'{}': unreadable checkpoint header", path.display());
+    let mut file = File::open(path).with_context(bad)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).with_context(bad)?;
+    let mut header = Vec::new();
+    file.take(u64::from_le_bytes(len)).read_to_end(&mut header).with_context(bad)?;
+    let header: serde_json::Value = serde_json::from_slice(&header).with_context(bad)?;
+    match header["__metadata__"][CHECKSUMS_KEY].as_str() {
+        Some(json) => Ok(Some(serde_json::from_str(json).with_context(bad)?)),
+        None => Ok(None),
+    }
+}
 
 /// `run_dir/checkpoints`.
 fn checkpoints_dir(run_dir: &Path) -> PathBuf {
@@ -58,9 +124,11 @@ fn check_unique_names(tensors: &[(String, Tensor)]) -> Result<()> {
 /// Writes both files into `dir` and fsyncs them and `dir`.
 fn write_contents(dir: &Path, tensors: &[(String, Tensor)], state: &serde_json::Value) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder '{}'", dir.display()))?;
-    let tensors_path = dir.join(TENSORS_FILE);
-    crate::io::write_safetensors(&tensors_path, tensors, &[("format", "pt")])?;
     let json = serde_json::to_vec_pretty(state).context("cannot serialise the checkpoint state")?;
+    let checksums = Checksums::of(tensors.iter().map(|(name, t)| (name, t)), &json);
+    let checksums = serde_json::to_string(&checksums).context("cannot serialise the checkpoint checksums")?;
+    let tensors_path = dir.join(TENSORS_FILE);
+    crate::io::write_safetensors(&tensors_path, tensors, &[("format", "pt"), (CHECKSUMS_KEY, &checksums)])?;
     let state_path = dir.join(STATE_FILE);
     crate::io::write_atomic(&state_path, &json)?;
     sync_path(&tensors_path)?;
@@ -116,7 +184,9 @@ fn remove_leftovers(dir: &Path) -> Result<()> {
 
 /// Saves checkpoint `step` of `run_dir` atomically and returns its folder, then deletes the oldest
 /// checkpoints beyond the newest `keep_last` (0 keeps every checkpoint) and leftovers of interrupted saves.
-/// Tensors are written on the CPU with their dtypes; names must be unique.
+/// The new checkpoint itself is never deleted, even when newer ones (left by a run resumed past a
+/// corrupt checkpoint) outnumber `keep_last`: an intact one always remains. Tensors are written on the
+/// CPU with their dtypes, with their [`Checksums`]; names must be unique.
 pub fn save(
     run_dir: &Path,
     step: u64,
@@ -135,7 +205,7 @@ pub fn save(
     publish(&tmp, &target, &parent)?;
     let all = list_checkpoints(run_dir)?;
     if keep_last > 0 && all.len() > keep_last {
-        for (_, old) in &all[..all.len() - keep_last] {
+        for (_, old) in all[..all.len() - keep_last].iter().filter(|(_, dir)| *dir != target) {
             remove_dir_if_present(old)?;
         }
     }
@@ -151,15 +221,51 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(complete.map(|(_, dir)| dir))
 }
 
-/// Reads a checkpoint folder: its tensors (CPU, stored dtypes) and its JSON state. A missing or corrupt
-/// file is a one-line error naming it.
+/// Reads a checkpoint folder: its tensors (CPU, stored dtypes) and its JSON state, verified against
+/// their [`Checksums`] (a checkpoint written before checksums loads unverified). A missing, corrupt or
+/// mismatching file is a one-line error naming it.
 pub fn load(dir: &Path) -> Result<(HashMap<String, Tensor>, serde_json::Value)> {
-    let tensors = crate::io::read_safetensors_map(&dir.join(TENSORS_FILE))?;
+    let tensors_path = dir.join(TENSORS_FILE);
+    let tensors = crate::io::read_safetensors_map(&tensors_path)?;
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read(&state_path).with_context(|| format!("cannot read '{}'", state_path.display()))?;
+    if let Some(stored) = stored_checksums(&tensors_path)? {
+        stored.verify(&Checksums::of(tensors.iter(), &text), dir)?;
+    }
     let state = serde_json::from_slice(&text)
         .map_err(|e| anyhow::anyhow!("'{}' is not valid JSON: {e}", state_path.display()))?;
     Ok((tensors, state))
+}
+
+/// The checkpoint a resumed run starts from, and the newer ones that could not be read.
+pub struct Intact {
+    /// Its folder.
+    pub dir: PathBuf,
+    /// Its tensors, as [`load`] returns them.
+    pub tensors: HashMap<String, Tensor>,
+    /// Its JSON state.
+    pub state: serde_json::Value,
+    /// Each newer checkpoint folder, newest first, with why it could not be read.
+    pub unreadable: Vec<(PathBuf, anyhow::Error)>,
+}
+
+/// Loads the newest checkpoint of `run_dir` that reads back intact ([`load`]: complete, parsable and
+/// matching its checksums), trying them newest first. No checkpoint, or none intact, is a one-line
+/// error (listing each one's problem); nothing is deleted.
+pub fn load_newest_intact(run_dir: &Path) -> Result<Intact> {
+    let all = list_checkpoints(run_dir)?;
+    if all.is_empty() {
+        bail!("no checkpoint under '{}'", checkpoints_dir(run_dir).display());
+    }
+    let mut unreadable = Vec::new();
+    for (_, dir) in all.into_iter().rev() {
+        match load(&dir) {
+            Ok((tensors, state)) => return Ok(Intact { dir, tensors, state, unreadable }),
+            Err(e) => unreadable.push((dir, e)),
+        }
+    }
+    let problems: Vec<String> = unreadable.iter().map(|(dir, e)| format!("'{}': {e:#}", dir.display())).collect();
+    bail!("no intact checkpoint under '{}': {}", checkpoints_dir(run_dir).display(), problems.join("; "))
 }
 
 /// Copies `saved[prefix + name]` into every live tensor of `target` in place (no grad; converted to the

@@ -353,14 +353,17 @@ fn save(trainer: &dyn Trainer, run_dir: &Path, step: u64, keep: usize) -> Result
     checkpoint::save(run_dir, step, &tensors, &state, keep)
 }
 
-/// Restores the newest checkpoint of `run_dir` (saying so when `tell`); returns its step.
+/// Restores the newest intact checkpoint of `run_dir`, saying so when `tell`, with one warning line for
+/// each newer one that could not be read; returns its step.
 fn restore_latest(trainer: &mut dyn Trainer, run_dir: &Path, tell: bool) -> Result<u64> {
-    let dir = checkpoint::latest(run_dir)?
-        .with_context(|| format!("--resume: no checkpoint under '{}'", run_dir.join("checkpoints").display()))?;
-    let (tensors, state) = checkpoint::load(&dir)?;
-    let step = state["step"].as_u64().with_context(|| format!("'{}': state.json has no step", dir.display()))?;
-    trainer.restore(&tensors, &state)?;
+    let found = checkpoint::load_newest_intact(run_dir).context("--resume")?;
+    let dir = &found.dir;
+    let step = found.state["step"].as_u64().with_context(|| format!("'{}': state.json has no step", dir.display()))?;
+    trainer.restore(&found.tensors, &found.state)?;
     if tell {
+        for (bad, e) in &found.unreadable {
+            eprintln!("warning: checkpoint '{}' is unreadable ({e:#}); resuming from step {step}", bad.display());
+        }
         eprintln!("resuming from '{}' (step {step})", dir.display());
     }
     Ok(step)

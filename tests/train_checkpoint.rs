@@ -149,6 +149,13 @@ fn flip_byte(path: &Path, at: i64) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// Flips one bit in the middle of the tensor data of the safetensors file `path`.
+fn flip_in_data(path: &Path) {
+    let bytes = std::fs::read(path).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    flip_byte(path, (8 + header + bytes.len()) as i64 / 2);
+}
+
 /// Cuts the file `path` to half its length.
 fn truncate(path: &Path) {
     let bytes = std::fs::read(path).unwrap();
@@ -270,6 +277,9 @@ fn logged_steps(run: &Path) -> Vec<u64> {
     records.iter().filter(|r| r.contains_key("loss/total")).filter_map(|r| r["step"].as_u64()).collect()
 }
 
+/// A way to damage a checkpoint folder: its name, the problem `--resume` reports, the damage.
+type Fault = (&'static str, &'static str, fn(&Path));
+
 #[test]
 fn resume_continues_from_the_newest_intact_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
@@ -279,18 +289,10 @@ fn resume_continues_from_the_newest_intact_checkpoint() {
     common::assert_success(&pretrain(&intact, &["--resume"]), "resume of the intact run");
     let expected = vtp::io::read_safetensors(&intact.join("model/model.safetensors")).unwrap();
     let newest = |run: &Path| run.join("checkpoints/step-00000004");
-    let data_middle = |path: &Path| {
-        let bytes = std::fs::read(path).unwrap();
-        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        (8 + header + bytes.len()) as i64 / 2
-    };
-    let faults: [(&str, &str, &dyn Fn(&Path)); 3] = [
-        ("truncated", "not a valid safetensors file", &|dir| truncate(&dir.join(TENSORS_FILE))),
-        ("bit-flipped", "checksum mismatch in tensor", &|dir| {
-            let path = dir.join(TENSORS_FILE);
-            flip_byte(&path, data_middle(&path))
-        }),
-        ("missing-file", "cannot read", &|dir| std::fs::remove_file(dir.join(TENSORS_FILE)).unwrap()),
+    let faults: [Fault; 3] = [
+        ("truncated", "not a valid safetensors file", |dir| truncate(&dir.join(TENSORS_FILE))),
+        ("bit-flipped", "checksum mismatch in tensor", |dir| flip_in_data(&dir.join(TENSORS_FILE))),
+        ("missing-file", "cannot read", |dir| std::fs::remove_file(dir.join(TENSORS_FILE)).unwrap()),
     ];
     for (name, problem, corrupt) in faults {
         let run = copy_run(&stopped, &tmp.path().join(name));

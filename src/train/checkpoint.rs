@@ -264,7 +264,8 @@ pub fn load_newest_intact(run_dir: &Path) -> Result<Intact> {
             Err(e) => unreadable.push((dir, e)),
         }
     }
-    let problems: Vec<String> = unreadable.iter().map(|(dir, e)| format!("'{}': {e:#}", dir.display())).collect();
+    // Each error names its file, and so its checkpoint.
+    let problems: Vec<String> = unreadable.iter().map(|(_, e)| format!("{e:#}")).collect();
     bail!("no intact checkpoint under '{}': {}", checkpoints_dir(run_dir).display(), problems.join("; "))
 }
 

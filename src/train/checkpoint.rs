@@ -33,7 +33,7 @@ const CHECKSUMS_KEY: &str = "crc32c";
 /// error burst up to 32 bits and any other corruption but with odds 2^-32, runs on the CPU's CRC
 /// instruction, and is already the crate's TensorBoard checksum. One per tensor lets a mismatch name
 /// the tensor.
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Checksums {
     /// Of each tensor: its dtype and shape, then its bytes.
     tensors: BTreeMap<String, u32>,

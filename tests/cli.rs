@@ -230,6 +230,26 @@ fn usage_errors_are_one_line() {
 }
 
 #[test]
+fn a_short_finetune_scales_its_lr_warm_up_once() {
+    // The tiny preset warms the lr up over 20 of its 300 steps: 8 steps keep the ratio, at least 1 step.
+    let o = vtp(&["finetune-decoder", "--print-config", "train.steps=8"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let notes: Vec<&str> = err.lines().filter(|l| l.starts_with("note: train.steps")).collect();
+    assert_eq!(notes.len(), 1, "{err}");
+    assert!(notes[0].contains("the preset's 300 steps") && notes[0].ends_with("lr warm-up 20 → 1"), "{}", notes[0]);
+    let config: toml::Table = toml::from_str(&stdout(&o)).unwrap();
+    assert_eq!(config["schedule"]["warmup_steps"].as_integer(), Some(1), "the effective (recorded) config");
+    // A run at least as long as the warm-up, or a warm-up set explicitly, is left alone.
+    for args in [&["train.steps=20"][..], &["train.steps=8", "schedule.warmup_steps=5"]] {
+        let o = vtp(&[&["finetune-decoder", "--print-config"][..], args].concat());
+        assert!(o.status.success() && !stderr(&o).contains("note:"), "{args:?}: {}", stderr(&o));
+    }
+    let o = vtp(&["finetune-decoder", "--print-config", "train.steps=8", "schedule.warmup_steps=30"]);
+    assert_one_line_error(&o, &["schedule.warmup_steps = 30 is longer than train.steps = 8", "at most 8"]);
+}
+
+#[test]
 fn pinned_kernels_keep_arguments_output_and_exit_status() {
     // `--kernels avx2` re-executes the program with the pinning variables (their effect on the
     // numbers is tests/parity.rs'); the re-executed process must see the same arguments and report

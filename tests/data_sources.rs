@@ -1,4 +1,4 @@
-//! Data sources: WebDataset shards (local, brace patterns, HTTP), image folders, class folders and
+//! Data sources: WebDataset shards (local, brace and glob patterns, HTTP), image folders, class folders and
 //! the synthetic scenes; splitting over ranks and workers, shuffling, resume and bad-data handling.
 
 use std::collections::BTreeMap;
@@ -137,6 +137,47 @@ fn brace_patterns_and_lists_expand() {
     match source::parse("https://host/s-{0..2}.tar").unwrap() {
         SourceSpec::WebDataset(shards) => assert_eq!(shards.len(), 3),
         other => panic!("{other:?}"),
+    }
+}
+
+/// The shard list a SPEC parses to.
+fn parsed_shards(spec: &str) -> Vec<String> {
+    match source::parse(spec).unwrap() {
+        SourceSpec::WebDataset(shards) => shards,
+        other => panic!("{spec}: {other:?}"),
+    }
+}
+
+#[test]
+fn glob_patterns_expand_sorted_and_read_like_the_explicit_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().display().to_string();
+    // Written `b` first, so that the glob's order is its own sorting, not creation order.
+    let (b, a) = (write_clean_shards(&dir.path().join("b"), 2, 3), write_clean_shards(&dir.path().join("a"), 3, 2));
+    fs::write(dir.path().join("a/notes.txt"), "not a shard").unwrap();
+    fs::create_dir(dir.path().join("a/folder.tar")).unwrap();
+    let explicit =
+        format!("{root}/a/000000.tar,{root}/a/000001.tar,{root}/a/000002.tar,{root}/b/000000.tar,{root}/b/000001.tar");
+    let listed = parsed_shards(&explicit);
+    assert_eq!(parsed_shards(&format!("{root}/*/*.tar")), listed, "sorted by path; folders are not shards");
+    assert_eq!(parsed_shards(&format!("{root}/**/0000[0-9]?.tar")), listed);
+    let mut everything = listed.clone();
+    everything.insert(3, format!("{root}/a/notes.txt"));
+    assert_eq!(parsed_shards(&format!("{root}/[ab]/*")), everything, "a glob takes any file it matches");
+    // Braces expand first, in their order; each glob is sorted; one item keeps each path once.
+    let b_then_a: Vec<String> = listed[3..].iter().chain(&listed[..3]).cloned().collect();
+    assert_eq!(parsed_shards(&format!("{root}/{{b,a}}/*.tar")), b_then_a);
+    assert_eq!(parsed_shards(&format!("{root}/{{b,a,b}}/00000{{0..1}}.tar,{root}/a/*2.tar")), b_then_a);
+    let read = collect(source::open(&format!("{root}/*/*.tar"), &StreamOptions::default()).unwrap());
+    assert_eq!(read, [a, b].concat());
+    // An empty match (also of one brace alternative) and a malformed pattern: one line naming the pattern.
+    for (spec, pattern, problem) in [
+        (format!("{root}/*/*.tgz"), format!("{root}/*/*.tgz"), "no shard file matches"),
+        (format!("{root}/{{a,c}}/*.tar"), format!("{root}/c/*.tar"), "no shard file matches"),
+        (format!("{root}/[a/*.tar"), format!("{root}/[a/*.tar"), "bad glob pattern"),
+    ] {
+        let err = format!("{:#}", source::parse(&spec).unwrap_err());
+        assert!(err.contains(problem) && err.contains(&pattern) && !err.contains('\n'), "{err}");
     }
 }
 

@@ -249,6 +249,57 @@ fn print_config_comments_every_key_and_bad_input_is_one_line() {
     common::assert_run_error(&pretrain(&under_file, &["train.steps=3"]), &["a-file"]);
 }
 
+/// The `[schedule]` table of a run's recorded config.toml.
+fn recorded_schedule(run: &Path) -> toml::Table {
+    let config: toml::Table = toml::from_str(&std::fs::read_to_string(run.join("config.toml")).unwrap()).unwrap();
+    config["schedule"].as_table().unwrap().clone()
+}
+
+#[test]
+fn a_short_run_scales_the_warm_ups_once_and_records_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    // FAST without its three schedule overrides: the tiny preset's 50 / 150 / 50 steps of a 1600-step run.
+    let fast: Vec<&str> = FAST
+        .iter()
+        .copied()
+        .filter(|o| !o.starts_with("schedule.warmup") && !o.starts_with("schedule.freeze"))
+        .collect();
+    let short = |extra: &[&str]| {
+        let args = [&["--threads", "2", "pretrain", "--out", s(&run)][..], &fast, &["train.steps=20"], extra].concat();
+        Command::new(env!("CARGO_BIN_EXE_vtp")).args(args).output().expect("vtp runs")
+    };
+    let o = short(&["--stop-after", "10"]);
+    assert_ok(&o);
+    let note = "note: train.steps = 20 is shorter than the warm-ups of the preset's 1600 steps; scaled to the run \
+                (recorded in config.toml): lr warm-up 50 → 1, teacher-temperature warm-up 150 → 2, last-layer freeze 50 → 1";
+    assert_eq!(stderr(&o).matches("note: train.steps").count(), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains(note), "{}", stderr(&o));
+    let scaled = recorded_schedule(&run);
+    let lengths =
+        ["warmup_steps", "warmup_teacher_temp_steps", "freeze_last_layer_steps"].map(|k| scaled[k].as_integer());
+    assert_eq!(lengths, [Some(1), Some(2), Some(1)]);
+    // --resume reads the recorded lengths: nothing to scale again, the same schedule to the end.
+    let o = short(&["--resume"]);
+    assert_ok(&o);
+    assert!(!stderr(&o).contains("note: train.steps"), "{}", stderr(&o));
+    assert!(run.join("model/model.safetensors").is_file(), "the run ends");
+    assert_eq!(recorded_schedule(&run), scaled);
+    // A warm-up set longer than the run is not scaled: the error names the one key to lower.
+    let o = Command::new(env!("CARGO_BIN_EXE_vtp"))
+        .args(
+            [
+                &["pretrain", "--out", s(&tmp.path().join("bad"))][..],
+                &fast,
+                &["train.steps=20", "schedule.warmup_steps=30"],
+            ]
+            .concat(),
+        )
+        .output()
+        .unwrap();
+    common::assert_run_error(&o, &["schedule.warmup_steps = 30 is longer than train.steps = 20", "at most 20"]);
+}
+
 /// How often the SSL collapse alarm speaks in a run's stderr.
 fn alarms(o: &Output) -> usize {
     stderr(o).matches("SSL collapse").count()

@@ -18,7 +18,7 @@ use tch::Tensor;
 
 /// Source specs, as `--help` explains them.
 const SPEC_HELP: &str = "Source SPEC: `synthetic[:train|heldout|novel][?n=N&res=R&seed=S&zoom=Z&colorless=P]` (built-in scenes; zoom scales the objects, colorless = share of captions without colours), \
-    shard list / brace pattern / URL (`shards/{000..099}.tar`, `https://…/{0..9}.tar`), or a folder \
+    shard list / brace pattern / glob (sorted; no match is an error) / URL (`shards/{000..099}.tar`, `shards/*.tar`, `https://…/{0..9}.tar`), or a folder \
     (images + captions.csv|captions.jsonl, or ImageNet-style class folders)";
 
 /// `vtp data` sub-commands.

@@ -4,8 +4,11 @@
 //! - `synthetic[:train|heldout|novel][?n=10000&res=64&seed=0&zoom=1&colorless=0&group=1]`: the built-in
 //!   synthetic scenes (`zoom`: a factor on the object sizes; `colorless`: the share of captions without
 //!   colour words; `group`: hard-negative groups of consecutive scenes that differ only in the main shape);
-//! - a `.tar` / `.tar.gz` / `.tgz` path, a brace pattern (`shards/{000..099}.tar`), a comma list
-//!   of these, or `http(s)://` URL(s): WebDataset shards ([`super::webdataset`]);
+//! - a `.tar` / `.tar.gz` / `.tgz` path, a brace pattern (`shards/{000..099}.tar`), a glob pattern
+//!   (`shards/*.tar`, `shards/train-??.tar`, `shards/[ab]*.tar`, `shards/**/*.tar`; matches sorted by
+//!   path, braces expanded first), a comma list of these, or `http(s)://` URL(s): WebDataset shards
+//!   ([`super::webdataset`]). A SPEC ending in a shard extension takes no options, so a `?` in it is
+//!   the glob wildcard;
 //! - a directory `DIR[?captions=FILE&template=T]`: images with a captions file (`?captions=`, else
 //!   `captions.csv` / `captions.jsonl` inside it); without one, class sub-folders (ImageNet
 //!   layout) captioned with `template` (default `a photo of a {}.`); without either, the `.tar`
@@ -26,14 +29,14 @@ use super::folder::{
 use super::reader::{Indexed, SkipCounts};
 use super::stream::{SampleStream, StreamOptions, StreamState};
 use super::synthetic::{Split, SyntheticConfig, SyntheticDataset, MAX_GROUP, MAX_ZOOM};
-use super::webdataset::{expand_shard_list, is_url, ShardWriter, WebDataset};
+use super::webdataset::{expand_shard_list, is_glob, is_url, ShardWriter, WebDataset};
 
 /// A parsed SPEC (see the module doc).
 #[derive(Clone, Debug, PartialEq)]
 pub enum SourceSpec {
     /// The built-in synthetic scenes.
     Synthetic(SyntheticConfig),
-    /// WebDataset shards: paths or URLs, brace patterns expanded.
+    /// WebDataset shards: paths or URLs, brace and glob patterns expanded.
     WebDataset(Vec<String>),
     /// Images under a folder with a captions file.
     CaptionFolder {
@@ -64,8 +67,9 @@ pub fn parse(spec: &str) -> Result<SourceSpec> {
     if spec.split(',').any(|item| is_url(item.trim())) {
         return Ok(SourceSpec::WebDataset(expand_shard_list(spec)?));
     }
-    let (base, query) = spec.split_once('?').unwrap_or((spec, ""));
-    let looks_like_shards = base.contains(['{', ',']) || is_shard_name(base);
+    let (base, query) = split_options(spec);
+    let looks_like_shards =
+        base.contains(['{', ',']) || is_shard_name(base) || (is_glob(base) && !Path::new(base).is_dir());
     if looks_like_shards {
         if !query.is_empty() {
             bail!("bad source '{spec}': shards take no '?' options");
@@ -80,6 +84,15 @@ pub fn parse(spec: &str) -> Result<SourceSpec> {
         bail!("source '{base}' is neither a directory nor a .tar shard");
     }
     bail!("source '{base}' not found (expected synthetic[:split][?...], .tar shards, URLs or a directory)")
+}
+
+/// A SPEC's path and its `?` options; a SPEC ending in a shard extension is all path (its `?` is
+/// the glob wildcard).
+fn split_options(spec: &str) -> (&str, &str) {
+    match spec.split_once('?') {
+        Some(parts) if !is_shard_name(spec) => parts,
+        _ => (spec, ""),
+    }
 }
 
 /// Whether a path names a tar shard by its extension.
@@ -205,7 +218,7 @@ pub fn open_class_folder(spec: &str) -> Result<ClassFolder> {
 
 /// The path part of a SPEC (before its `?` options).
 fn spec_base(spec: &str) -> &str {
-    spec.trim().split_once('?').map_or(spec.trim(), |(base, _)| base)
+    split_options(spec.trim()).0
 }
 
 /// Opens the source named by `spec` as a stream from the start of `opts.epoch`.

@@ -6,7 +6,7 @@
 //! Reading is driven by [`super::stream`], which splits the shards over ranks and workers,
 //! shuffles them and counts skipped samples.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -38,16 +38,47 @@ pub fn is_url(location: &str) -> bool {
 }
 
 /// Expands a comma-separated list of shard locations, each with optional brace patterns
-/// (see [`expand_braces`]); commas inside braces belong to the pattern.
+/// (see [`expand_braces`]) and then, for local paths, glob patterns (see [`expand_glob`]); commas
+/// inside braces belong to the pattern. One item's expansion keeps each path once.
 pub fn expand_shard_list(list: &str) -> Result<Vec<String>> {
     let mut shards = Vec::new();
     for item in split_top_level(list)? {
         if item.trim().is_empty() {
             bail!("empty shard name in '{list}'");
         }
-        shards.extend(expand_braces(item.trim())?);
+        let mut seen = HashSet::new();
+        for location in expand_braces(item.trim())? {
+            shards.extend(expand_glob(&location)?.into_iter().filter(|path| seen.insert(path.clone())));
+        }
     }
     Ok(shards)
+}
+
+/// Whether a location is a local glob pattern (`*`, `?`, `[...]`; URLs are never globbed).
+pub fn is_glob(location: &str) -> bool {
+    !is_url(location) && location.contains(['*', '?', '['])
+}
+
+/// The files a local glob pattern matches (`*` and `?` within a name, `[abc]` / `[!abc]` / `[a-z]`
+/// a character class, `**` any number of folders), sorted by path; a pattern that matches no file
+/// is a one-line error naming it. A location that is not a glob is returned as it is.
+pub fn expand_glob(location: &str) -> Result<Vec<String>> {
+    if !is_glob(location) {
+        return Ok(vec![location.to_string()]);
+    }
+    let bad = |e: &dyn std::fmt::Display| anyhow!("bad glob pattern '{location}': {e}");
+    let mut files = Vec::new();
+    for entry in glob::glob(location).map_err(|e| bad(&e))? {
+        let path = entry.map_err(|e| bad(&e))?;
+        if path.is_file() {
+            files.push(path.to_string_lossy().into_owned());
+        }
+    }
+    if files.is_empty() {
+        bail!("no shard file matches the glob pattern '{location}'");
+    }
+    files.sort();
+    Ok(files)
 }
 
 /// Brace expansion as the `braceexpand` package does it for WebDataset: `{000..099}` is a numeric

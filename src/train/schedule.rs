@@ -187,3 +187,48 @@ impl Schedules {
         }
     }
 }
+
+/// A warm-up or freeze length of a run's config, as [`fit_warmups`] scales it.
+pub struct WarmupLength<'a> {
+    /// What the note calls it, e.g. `lr warm-up`.
+    pub name: &'static str,
+    /// Its value in the run's config, in steps.
+    pub steps: &'a mut u64,
+    /// Its value in the preset the config comes from.
+    pub preset: u64,
+}
+
+/// Fits the warm-up and freeze lengths to a run of `steps` that is shorter than one of them and than
+/// the preset's run of `preset_steps`: every length still at its preset value keeps its ratio to the
+/// run, `round(preset · steps / preset_steps)`, at least 1 step (0 stays 0); a length the config
+/// set itself is kept. Returns the one-line note saying what changed, `None` when nothing did.
+pub fn fit_warmups(steps: u64, preset_steps: u64, lengths: &mut [WarmupLength]) -> Option<String> {
+    if steps >= preset_steps || lengths.iter().all(|l| *l.steps <= steps) {
+        return None;
+    }
+    let ratio = steps as f64 / preset_steps as f64;
+    let mut changed = Vec::new();
+    for length in lengths.iter_mut().filter(|l| *l.steps == l.preset && l.preset > 0) {
+        let scaled = ((length.preset as f64 * ratio).round() as u64).max(1);
+        if scaled != *length.steps {
+            changed.push(format!("{} {} → {scaled}", length.name, length.preset));
+            *length.steps = scaled;
+        }
+    }
+    (!changed.is_empty()).then(|| {
+        format!(
+            "train.steps = {steps} is shorter than the warm-ups of the preset's {preset_steps} steps; scaled to the run \
+             (recorded in config.toml): {}",
+            changed.join(", ")
+        )
+    })
+}
+
+/// A learning-rate warm-up (config key `key`) that fits a run of `steps`; longer is a one-line error
+/// naming the key to lower.
+pub fn check_lr_warmup(key: &str, warmup: u64, steps: u64) -> Result<()> {
+    if warmup > steps {
+        bail!("{key} = {warmup} is longer than train.steps = {steps}; set {key} to at most {steps}");
+    }
+    Ok(())
+}

@@ -8,7 +8,7 @@ use crate::train::config::{
 };
 use crate::train::optim::AdamWConfig;
 use crate::train::run::{RunConfig, RunOptions};
-use crate::train::schedule::CosineScheduler;
+use crate::train::schedule::{check_lr_warmup, fit_warmups, CosineScheduler, WarmupLength};
 use anyhow::{bail, Context, Result};
 use documented::DocumentedFields;
 use serde::{Deserialize, Serialize};
@@ -206,11 +206,24 @@ impl FinetuneConfig {
         }
     }
 
-    /// A preset, then a TOML file over it, then `key=value` overrides; validated.
+    /// A preset, then a TOML file over it, then `key=value` overrides; the lr warm-up fitted to a
+    /// short run ([`Self::fit_warmup`]); validated.
     pub fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        let config: Self = load_layered(Self::preset, preset, file, overrides)?;
+        let mut config: Self = load_layered(Self::preset, preset, file, overrides)?;
+        config.fit_warmup();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Scales the lr warm-up, when still at its preset's value, to a `train.steps` shorter than it
+    /// ([`fit_warmups`]), saying so in one line on stderr.
+    fn fit_warmup(&mut self) {
+        let Ok(preset) = Self::preset(&self.preset) else { return };
+        let warmup = &mut self.schedule.warmup_steps;
+        let mut lengths = [WarmupLength { name: "lr warm-up", steps: warmup, preset: preset.schedule.warmup_steps }];
+        if let Some(note) = fit_warmups(self.train.steps, preset.train.steps, &mut lengths) {
+            eprintln!("note: {note}");
+        }
     }
 
     /// Checks what a run cannot train, with a one-line reason (the model-dependent checks are in
@@ -227,6 +240,7 @@ impl FinetuneConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             bail!("{name} must be at least 1");
         }
+        check_lr_warmup("schedule.warmup_steps", self.schedule.warmup_steps, self.train.steps)?;
         self.lr_schedule().context("config [schedule]")?;
         Ok(())
     }

@@ -13,7 +13,7 @@ use crate::train::config::{
 };
 use crate::train::optim::AdamWConfig;
 use crate::train::run::RunConfig;
-use crate::train::schedule::ScheduleConfig;
+use crate::train::schedule::{check_lr_warmup, fit_warmups, ScheduleConfig, WarmupLength};
 use anyhow::{bail, Context, Result};
 use documented::DocumentedFields;
 use serde::{Deserialize, Serialize};
@@ -337,11 +337,37 @@ impl PretrainConfig {
         })
     }
 
-    /// A preset, then a TOML file over it, then `key=value` overrides ([`load_layered`]); validated.
+    /// A preset, then a TOML file over it, then `key=value` overrides ([`load_layered`]); warm-ups
+    /// fitted to a short run ([`Self::fit_warmups`]); validated.
     pub fn load(preset: &str, file: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        let config: Self = load_layered(Self::preset, preset, file, overrides)?;
+        let mut config: Self = load_layered(Self::preset, preset, file, overrides)?;
+        config.fit_warmups();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Scales the lr warm-up, the teacher-temperature warm-up and the last-layer freeze that are
+    /// still at their preset's values to a `train.steps` shorter than one of them ([`fit_warmups`]),
+    /// saying so in one line on stderr.
+    fn fit_warmups(&mut self) {
+        let Ok(preset) = Self::preset(&self.preset) else { return };
+        let (s, p) = (&mut self.schedule, &preset.schedule);
+        let mut lengths = [
+            WarmupLength { name: "lr warm-up", steps: &mut s.warmup_steps, preset: p.warmup_steps },
+            WarmupLength {
+                name: "teacher-temperature warm-up",
+                steps: &mut s.warmup_teacher_temp_steps,
+                preset: p.warmup_teacher_temp_steps,
+            },
+            WarmupLength {
+                name: "last-layer freeze",
+                steps: &mut s.freeze_last_layer_steps,
+                preset: p.freeze_last_layer_steps,
+            },
+        ];
+        if let Some(note) = fit_warmups(self.train.steps, preset.train.steps, &mut lengths) {
+            eprintln!("note: {note}");
+        }
     }
 
     /// Checks the combinations a run cannot train, with a one-line reason.
@@ -390,6 +416,7 @@ impl PretrainConfig {
         if self.data.workers == 0 {
             bail!("data.workers must be at least 1");
         }
+        check_lr_warmup("schedule.warmup_steps", self.schedule.warmup_steps, self.train.steps)?;
         crate::train::schedule::Schedules::new(&self.schedule, self.train.steps).context("config [schedule]")?;
         Ok(())
     }

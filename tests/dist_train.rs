@@ -158,24 +158,12 @@ fn kill_a_rank_and_resume(cache: &Path, run: &Path, overlap: &str) {
     assert_eq!(newest_checkpoint(run).1, step + 2);
 }
 
-/// A small `vtp pretrain --preset tiny` for a few 2-process steps.
-const PRETRAIN_SMALL: &[&str] = &[
-    "model.vision_depth=1",
-    "data.global_size=32",
-    "data.local_size=16",
-    "schedule.warmup_steps=1",
-    "schedule.warmup_teacher_temp_steps=1",
-    "schedule.freeze_last_layer_steps=0",
-    "eval.every=0",
-    "eval.grid_every=0",
-    "log.every=1",
-];
-
 #[test]
 fn pretraining_runs_on_two_processes_and_resumes_with_two() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let base = [&["pretrain", "--preset", "tiny", "--out", s(&run)][..], PRETRAIN_STEP_SMALL, PRETRAIN_SMALL].concat();
+    let base =
+        [&["pretrain", "--preset", "tiny", "--out", s(&run)][..], PRETRAIN_STEP_SMALL, common::PRETRAIN_FAST].concat();
     assert_success(&launch2(&[&base[..], &["train.steps=2"]].concat()), "2-process pretrain");
     assert_eq!(series(&run, "loss/total").len(), 2, "rank 0 alone logs, one line per step");
     assert_eq!(newest_checkpoint(&run).1, 2);

@@ -234,25 +234,18 @@ fn a_save_never_prunes_the_checkpoint_it_wrote() {
     assert_eq!(checkpoint_names(run.path()), ["step-00000002", "step-00000003"]);
 }
 
-/// `vtp pretrain --preset tiny` shrunk to seconds a run: 6 steps, a checkpoint every 2, 3 kept.
-const SMALL_RUN: &[&str] = &[
-    "model.vision_depth=1",
-    "data.global_size=32",
-    "data.local_size=16",
-    "schedule.warmup_steps=1",
-    "schedule.warmup_teacher_temp_steps=1",
-    "schedule.freeze_last_layer_steps=0",
-    "eval.every=0",
-    "eval.grid_every=0",
-    "log.every=1",
-    "train.steps=6",
-    "checkpoint.every=2",
-    "checkpoint.keep=3",
-];
+/// [`common::PRETRAIN_FAST`] as a run: 6 steps, a checkpoint every 2, 3 kept.
+const SMALL_RUN: &[&str] = &["train.steps=6", "checkpoint.every=2", "checkpoint.keep=3"];
 
 /// `vtp pretrain` of [`SMALL_RUN`] into `run`, then `extra`.
 fn pretrain(run: &Path, extra: &[&str]) -> Output {
-    let args = [&["pretrain", "--preset", "tiny", "--out", s(run)][..], common::PRETRAIN_STEP_SMALL, SMALL_RUN, extra];
+    let args = [
+        &["pretrain", "--preset", "tiny", "--out", s(run)][..],
+        common::PRETRAIN_STEP_SMALL,
+        common::PRETRAIN_FAST,
+        SMALL_RUN,
+        extra,
+    ];
     common::vtp(&args.concat())
 }
 

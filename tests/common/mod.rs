@@ -273,3 +273,17 @@ pub fn pretrain_batch(
     let builder = vtp::train::pretrain::batch::BatchBuilder::new(config, &config.batch);
     builder.build(&samples, &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed))
 }
+
+/// A `vtp pretrain --preset tiny` run shrunk to seconds a step (over [`PRETRAIN_STEP_SMALL`]): a 1-block
+/// trunk, 32² / 16² crops, one-step warm-ups, no evaluation, a log line every step.
+pub const PRETRAIN_FAST: &[&str] = &[
+    "model.vision_depth=1",
+    "data.global_size=32",
+    "data.local_size=16",
+    "schedule.warmup_steps=1",
+    "schedule.warmup_teacher_temp_steps=1",
+    "schedule.freeze_last_layer_steps=0",
+    "eval.every=0",
+    "eval.grid_every=0",
+    "log.every=1",
+];
